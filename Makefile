@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine; each does its own set-up (virtual environment, install, model weights).
+#   make test : notebooks in smoke mode + the book build, then pytest
+#   make book : every notebook in full on the embedded model, then the HTML book in _build/html
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test book setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m vlminterp_utils.weights
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) scripts/build_book.py --smoke
+	$(PY) -m pytest -q tests
+
+book: $(STAMP)
+	$(PY) scripts/build_book.py
+
+clean:
+	rm -rf _build

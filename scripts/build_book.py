@@ -1,0 +1,46 @@
+"""Execute every chapter with papermill, then build the Jupyter Book into _build/html.
+
+The source notebooks stay clean (no outputs in git): executed copies go to a staging folder together with the
+book's pages and config, and the book is built from there with execution switched off (papermill already ran).
+`--smoke` passes `smoke=True` to every notebook: small numbers, CPU-friendly, what CI runs.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import papermill
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE = ROOT / "_build" / "stage"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="run every notebook with smoke=True")
+    parser.add_argument("notebooks", nargs="*", help="only these notebooks (default: all in notebooks/)")
+    args = parser.parse_args(argv)
+    if STAGE.exists():
+        shutil.rmtree(STAGE)
+    (STAGE / "notebooks").mkdir(parents=True)
+    for item in ("_config.yml", "_toc.yml", "book"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, STAGE / item)
+    notebooks = [Path(n) for n in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for nb in notebooks:
+        started = time.time()
+        print(f"executing {nb.name} (smoke={args.smoke})", flush=True)
+        papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": args.smoke},
+                                   cwd=str(ROOT / "notebooks"), progress_bar=False, log_output=False)
+        print(f"  done in {time.time() - started:.0f} s", flush=True)
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT)], check=True)
+    print(f"book: {ROOT / '_build' / 'html' / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random Llava (built here, no hub) and the embedded shapes-llava."""
+import pytest
+import torch
+
+from vlminterp_utils import models
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    return models.smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llava saved with save_pretrained, so loading goes through `load_vlm` like a hub checkpoint."""
+    model, processor = models.build_tiny_llava(tokenizer=smol_tokenizer)
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_llava_dir):
+    return models.load_vlm(str(tiny_llava_dir))
+
+
+@pytest.fixture(scope="session")
+def shapes_llava():
+    return models.load_vlm("shapes-llava")

@@ -1,0 +1,155 @@
+"""The shapes world: ground truth by hand-checked cases, dilation, questions, seeding, errors."""
+import collections
+
+import numpy as np
+import pytest
+
+from vlminterp_utils import shapes
+
+
+def square_at(x0, y0, side, size=64):
+    return shapes.render_scene([("red", "square", x0, y0, side)], size=size).objects[0]
+
+
+def test_square_aligned_to_one_patch_covers_exactly_that_cell():
+    cells = shapes.mask_to_cells(square_at(8, 16, 8).mask, 8)
+    assert cells.shape == (8, 8)
+    assert np.argwhere(cells).tolist() == [[2, 1]]
+
+
+def test_square_straddling_patches_covers_all_touched_cells():
+    # pixels 4..11 in x and y touch patches 0 and 1 in both directions
+    cells = shapes.mask_to_cells(square_at(4, 4, 8).mask, 8)
+    assert sorted(map(tuple, np.argwhere(cells))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_one_pixel_overlap_counts():
+    # pixels 8..16 in x: column 16 is the first pixel of patch 2
+    cells = shapes.mask_to_cells(square_at(8, 8, 9).mask, 8)
+    assert sorted(map(tuple, np.argwhere(cells))) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_circle_and_triangle_masks_are_inside_their_box():
+    scene = shapes.render_scene([("blue", "circle", 2, 2, 20), ("green", "triangle", 30, 30, 20)])
+    circle, triangle = scene.objects
+    assert circle.box == (2, 2, 22, 22)
+    x0, y0, x1, y1 = triangle.box
+    assert 30 <= x0 and x1 <= 50 and 30 <= y0 and y1 <= 50
+    # a triangle with apex up is wider at the bottom than at the top
+    rows = np.nonzero(triangle.mask.any(1))[0]
+    assert triangle.mask[rows[-1]].sum() > triangle.mask[rows[0]].sum()
+    # areas near pi r^2 and half of s^2
+    assert abs(circle.mask.sum() - np.pi * 100) < 15
+    assert abs(triangle.mask.sum() - 200) < 25
+
+
+def test_dilation_is_chebyshev_and_clipped():
+    cells = np.zeros((8, 8), bool)
+    cells[3, 3] = True
+    assert shapes.dilate_cells(cells, 0).sum() == 1
+    assert shapes.dilate_cells(cells, 1).sum() == 9
+    assert shapes.dilate_cells(cells, 2).sum() == 25
+    corner = np.zeros((8, 8), bool)
+    corner[0, 0] = True
+    assert np.argwhere(shapes.dilate_cells(corner, 1)).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="buffer"):
+        shapes.dilate_cells(cells, -1)
+
+
+def test_object_cells_with_buffers_grow_and_background_is_the_complement():
+    scene = shapes.example(3, 7, "caption").scene
+    c0, c1, c2 = (scene.object_cells(8, b) for b in (0, 1, 2))
+    for a, b in zip(c0, c1):
+        assert (a <= b).all() and b.sum() > a.sum()
+    for a, b in zip(c1, c2):
+        assert (a <= b).all()
+    assert (scene.background_cells(8) == ~np.logical_or.reduce(c0)).all()
+
+
+def test_odd_sized_image_gets_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        shapes.mask_to_cells(np.zeros((60, 60), bool), 8)
+
+
+def test_scenes_have_distinct_non_overlapping_objects_in_left_to_right_order():
+    for i in range(200):
+        scene = shapes.example(1, i, "caption").scene
+        objs = scene.objects
+        assert 1 <= len(objs) <= 3
+        assert len({o.name for o in objs}) == len(objs)
+        xs = [o.center[0] for o in objs]
+        assert xs == sorted(xs) and all(b - a >= 0.16 * 64 - 1 for a, b in zip(xs, xs[1:]))
+        total = np.sum([o.mask for o in objs], axis=0)
+        assert total.max() == 1
+        assert all(c.any() for c in scene.object_cells(8))
+
+
+def test_caption_names_objects_left_to_right():
+    scene = shapes.render_scene([("blue", "square", 40, 5, 14), ("red", "circle", 3, 30, 14),
+                                 ("green", "triangle", 22, 40, 14)])
+    assert shapes.caption(scene) == "a red circle, a green triangle and a blue square"
+    one = shapes.render_scene([("yellow", "circle", 20, 20, 16)])
+    assert shapes.caption(one) == "a yellow circle"
+
+
+def test_polling_is_balanced_and_correct():
+    examples = shapes.make_examples(400, seed=5, qtypes="polling")
+    counts = collections.Counter(e.answer for e in examples)
+    assert counts == {"yes": 200, "no": 200}
+    for e in examples:
+        color, shape = e.question.removeprefix("Is there a ").removesuffix("?").split()
+        present = any(o.color == color and o.shape == shape for o in e.scene.objects)
+        assert (e.answer == "yes") == present
+
+
+def test_vqa_answers_follow_the_scene():
+    for e in shapes.make_examples(300, seed=2, qtypes=("vqa_color", "vqa_shape", "vqa_position")):
+        objs = e.scene.objects
+        if e.question.startswith("What colour is the "):
+            shape = e.question.removeprefix("What colour is the ").removesuffix("?")
+            (match,) = [o for o in objs if o.shape == shape]  # exactly one object of that shape
+            assert e.answer == match.color
+        elif e.question.startswith("What shape is the "):
+            color = e.question.split()[4]
+            (match,) = [o for o in objs if o.color == color]
+            assert e.answer == match.shape
+        else:
+            where = e.question.removeprefix("What shape is at the ").removesuffix("?")
+            (match,) = [o for o in objs if shapes.quadrant(o, 64) == where]
+            assert e.answer == match.shape
+
+
+def test_every_question_type_is_generated_equally():
+    examples = shapes.make_examples(100, seed=0)
+    assert collections.Counter(e.qtype for e in examples) == {q: 20 for q in shapes.QUESTION_TYPES}
+
+
+def test_seeding_is_reproducible_and_seeds_differ():
+    a, b = shapes.example(4, 11, "vqa_color"), shapes.example(4, 11, "vqa_color")
+    assert np.array_equal(np.asarray(a.scene.image), np.asarray(b.scene.image))
+    assert (a.question, a.answer) == (b.question, b.answer)
+    c = shapes.example(5, 11, "vqa_color")
+    assert not np.array_equal(np.asarray(a.scene.image), np.asarray(c.scene.image))
+
+
+def test_size_is_configurable_and_ground_truth_scales():
+    scene = shapes.example(0, 0, "caption", size=336).scene
+    assert scene.image.size == (336, 336)
+    assert scene.object_cells(14)[0].shape == (24, 24)
+
+
+def test_unknown_question_type_and_colour_are_rejected_clearly():
+    with pytest.raises(ValueError, match="known types: caption"):
+        shapes.example(0, 0, "count")
+    with pytest.raises(ValueError, match="known colours"):
+        shapes.render_scene([("pink", "circle", 0, 0, 10)])
+    with pytest.raises(ValueError, match="known shapes"):
+        shapes.render_scene([("red", "star", 0, 0, 10)])
+
+
+def test_hf_dataset_has_ground_truth_columns():
+    ds = shapes.to_hf_dataset(shapes.make_examples(6, seed=0))
+    assert len(ds) == 6
+    assert {"image", "question", "answer", "qtype", "colors", "shapes", "boxes", "cells"} <= set(ds.column_names)
+    row = ds[0]
+    assert len(row["colors"]) == len(row["shapes"]) == len(row["cells"])

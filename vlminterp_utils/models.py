@@ -1,0 +1,364 @@
+"""Loading VLMs and reaching into them through one adapter per model family.
+
+Every chapter talks to a model through a `VLMAdapter`: where the visual tokens sit in a batch, the patch grid,
+the decoder layers, the final norm, the unembedding. The adapter takes all of this from the model's config and
+from the processor's output (`input_ids == image_token_id`), never from hard-coded offsets or module paths, so the
+embedded `shapes-llava` and `llava-hf/llava-1.5-7b-hf` go through the same code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import weights
+
+EMBEDDED_MODELS = ("shapes-llava",)
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SHAPES_LLAVA_DIR = DATA_DIR / "shapes_llava"
+IMAGE_TOKEN = "<image>"
+# ChatML like SmolLM2's own, without its default system prompt (shorter sequences, same format), and with the
+# llava-hf convention for image items, so `processor.apply_chat_template` works as for llava-hf models.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+@dataclass
+class VLMAdapter:
+    """Uniform access to a loaded VLM. Subclass once per model family."""
+
+    model: nn.Module
+    processor: object
+
+    family = "base"
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, n_visual) sequence positions of the visual tokens, read off `input_ids == image_token_id`."""
+        is_visual = input_ids == self.image_token_id
+        counts = is_visual.sum(-1)
+        if (counts == 0).any() or (counts != counts[0]).any():
+            raise ValueError(f"every sequence needs the same, non-zero number of image tokens; got {counts.tolist()}."
+                             " Put exactly one image (and one <image> placeholder) in each prompt.")
+        n = int(counts[0])
+        if n != self.n_visual_tokens:
+            raise ValueError(f"found {n} image tokens per sequence but the patch grid {self.grid} has "
+                             f"{self.n_visual_tokens}; this model family needs its own adapter")
+        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], n)
+
+    # The pieces below are found, not addressed: HF's accessors and the config say where they are.
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        n = self.n_layers
+        lists = [m for m in self.language_model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if len(lists) != 1:
+            raise RuntimeError(f"cannot identify the {n} decoder layers of {type(self.language_model).__name__}")
+        return lists[0]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        norms = [m for name, m in self.language_model.named_children() if "norm" in type(m).__name__.lower()]
+        if not norms:
+            raise RuntimeError(f"{type(self.language_model).__name__} has no final norm among its children")
+        return norms[-1]
+
+    @property
+    def unembedding(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def n_visual_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # ------------------------------------------------------------------------------------------ prompting
+    def prompt(self, question: str) -> str:
+        """The model's own chat format for one image and one question, ending where the answer begins."""
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def inputs(self, images, questions) -> dict[str, torch.Tensor]:
+        """Processor output for a batch of (image, question), left-padded so every answer starts at the end."""
+        images = [check_image(im) for im in _as_list(images)]
+        questions = _as_list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions; pass one question per image")
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            batch = self.processor(images=images, text=[self.prompt(q) for q in questions],
+                                   return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, images, questions, max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers, decoded without the prompt."""
+        batch = self.inputs(images, questions)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return [s.strip() for s in self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                                  skip_special_tokens=True)]
+
+
+class LlavaAdapter(VLMAdapter):
+    """`LlavaForConditionalGeneration`: a vision tower, a projector and a decoder-only LLM."""
+
+    family = "llava"
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square image the vision tower takes, in pixels."""
+        return int(self.config.vision_config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.vision_config.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.base_model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.base_model.multi_modal_projector
+
+
+def component_sizes(adapter: LlavaAdapter) -> dict[str, int]:
+    """Parameter counts of the three parts of a LLaVA."""
+    parts = {"vision tower": adapter.vision_tower, "projector": adapter.projector,
+             "language model": adapter.language_model}
+    return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter}
+
+
+def adapter_for(model: nn.Module, processor) -> VLMAdapter:
+    family = getattr(model.config, "model_type", None)
+    if family not in ADAPTERS:
+        raise ValueError(f"model family {family!r} is not supported; supported families: {', '.join(ADAPTERS)}. "
+                         "Add an adapter to vlminterp_utils.models.ADAPTERS for it.")
+    return ADAPTERS[family](model, processor)
+
+
+def check_image(image) -> Image.Image:
+    """A PIL RGB image, or a clear error that says how to make one."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}; use image.convert('RGB')")
+    return image
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_vlm(name: str = "shapes-llava", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a VLM by name: `(model, processor, adapter)`. The model is in eval mode with frozen weights.
+
+    `shapes-llava` is the embedded model (offline, CPU); any `LlavaForConditionalGeneration` checkpoint
+    (a hub id such as `llava-hf/llava-1.5-7b-hf`, or a local folder) goes through the same path.
+    """
+    if name in EMBEDDED_MODELS:
+        path = shapes_llava_checkpoint()
+    elif Path(name).is_dir() or "/" in name:
+        path = name
+    else:
+        raise ValueError(f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED_MODELS)}), a hub id "
+                         "such as 'llava-hf/llava-1.5-7b-hf', or a local folder saved with save_pretrained")
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"cannot load {name!r}: {err}. Offline, only the embedded models "
+                         f"({', '.join(EMBEDDED_MODELS)}) and local folders are available.") from err
+    if config.model_type not in ADAPTERS:
+        raise ValueError(f"model family {config.model_type!r} of {name!r} is not supported; supported families: "
+                         f"{', '.join(ADAPTERS)}")
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor, adapter_for(model, processor)
+
+
+# ---------------------------------------------------------------------------------------------- shapes-llava
+
+def shapes_llava_vision_config(image_size: int = 64, patch_size: int = 8):
+    """The small CLIP vision tower of shapes-llava: global self-attention over an 8x8 grid of patches."""
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=192, intermediate_size=768,
+                            num_hidden_layers=6, num_attention_heads=6, projection_dim=192)
+
+
+def build_shapes_llava(vision_weights: Path | None = None):
+    """Assemble shapes-llava from the cached SmolLM2 weights and (if given) trained vision/projector weights.
+
+    Returns `(model, processor)`. Without `vision_weights`, the vision tower and projector are freshly
+    initialised (the starting point of training).
+    """
+    from transformers import (AutoModelForCausalLM, CLIPImageProcessorPil, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tokenizer = smollm2_tokenizer()
+    gguf = weights.smollm2_gguf()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vision_config = shapes_llava_vision_config()
+    if vision_weights is not None:
+        meta = json.loads(Path(vision_weights).with_suffix(".json").read_text())
+        vision_config = vision_config.__class__(**meta["vision_config"])
+    config = LlavaConfig(vision_config=vision_config, text_config=llm.config,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.get_decoder().load_state_dict(llm.get_decoder().state_dict())
+    model.tie_weights()
+    if vision_weights is not None:
+        from safetensors.torch import load_file
+        missing, unexpected = model.load_state_dict(load_file(str(vision_weights)), strict=False)
+        if unexpected or any(not k.startswith(("model.language_model.", "lm_head.")) for k in missing):
+            raise ValueError(f"{vision_weights} does not fit shapes-llava: unexpected {unexpected[:3]}, "
+                             f"missing {[k for k in missing if 'language_model' not in k][:3]}")
+    image_processor = CLIPImageProcessorPil(
+        size={"height": vision_config.image_size, "width": vision_config.image_size}, do_center_crop=False,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    # CLIP adds one CLS token, which the "default" feature strategy drops again.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                               patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+    return model.eval(), processor
+
+
+def shapes_llava_checkpoint() -> Path:
+    """A save_pretrained folder of shapes-llava in the cache, assembled on first use (keyed by the weights' hash)."""
+    vision_weights = SHAPES_LLAVA_DIR / "vision_projector.safetensors"
+    if not vision_weights.exists():
+        raise FileNotFoundError(f"{vision_weights} is missing: train it with `python -m vlminterp_utils.train` "
+                                "or restore data/ from the repository")
+    key = weights.sha256_of(vision_weights)[:16]
+    target = weights.cache_dir() / f"shapes-llava-{key}"
+    if (target / "config.json").exists():
+        return target
+    model, processor = build_shapes_llava(vision_weights)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-assembled folder never sits at the cached path
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer with the `<image>` token and the book's chat template."""
+    from transformers import AutoTokenizer
+    gguf = weights.smollm2_gguf()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llava(image_size: int = 32, patch_size: int = 8, n_layers: int = 3, hidden: int = 32,
+                     attn_implementation: str = "eager", seed: int = 0, tokenizer=None):
+    """A tiny randomly initialised `LlavaForConditionalGeneration` and its processor, for tests and experiments.
+
+    Another grid (4x4 by default), another depth and width than shapes-llava: code that hard-codes any of
+    shapes-llava's numbers fails on it.
+    """
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tokenizer = tokenizer or smollm2_tokenizer()
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                              intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
+        IMAGE_TOKEN), vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.requires_grad_(False)
+    image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+    return model, processor
