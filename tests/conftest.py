@@ -30,3 +30,10 @@ def tiny(tiny_llava_dir):
 @pytest.fixture(scope="session")
 def shapes_llava():
     return models.load_vlm("shapes-llava")
+
+
+@pytest.fixture(scope="session", params=["eager", "sdpa"])
+def tiny_any_attention(request, smol_tokenizer):
+    """The same tiny random Llava under each attention implementation the knockout must handle."""
+    model, processor = models.build_tiny_llava(tokenizer=smol_tokenizer, attn_implementation=request.param)
+    return model, processor, models.adapter_for(model, processor)

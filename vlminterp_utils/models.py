@@ -97,6 +97,17 @@ class VLMAdapter:
             raise RuntimeError(f"{type(self.language_model).__name__} has no final norm among its children")
         return norms[-1]
 
+    def attention(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer `layer`."""
+        found = [m for m in self.layers[layer].modules() if type(m).__name__.endswith("Attention")]
+        if not found:
+            raise RuntimeError(f"decoder layer {layer} ({type(self.layers[layer]).__name__}) has no attention module")
+        return found[0]
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_config._attn_implementation
+
     @property
     def unembedding(self) -> nn.Module:
         return self.model.get_output_embeddings()

@@ -1,0 +1,183 @@
+"""Ablation, knockout and attribution on tiny random Llavas: exactness checks that can fail."""
+import numpy as np
+import pytest
+import torch
+
+from vlminterp_utils import interventions as I
+from vlminterp_utils import shapes
+
+
+def batch_for(adapter, n=3, questions=None, seed=0):
+    exs = [shapes.example(seed, i, "caption", size=adapter.image_size) for i in range(n)]
+    questions = questions or ["Hi", "Describe the image in detail please", "What?"][:n]
+    return adapter.inputs([e.scene.image for e in exs], questions), exs
+
+
+def positions(batch, adapter):
+    ids = batch["input_ids"]
+    visual = ids == adapter.image_token_id
+    last = torch.zeros_like(visual)
+    last[:, -1] = True
+    return visual, last
+
+
+def test_identity_ablation_leaves_logits_unchanged(tiny):
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    with torch.no_grad():
+        before = I.answer_logits(adapter, batch)
+        real = I.visual_embeddings(adapter, batch)
+        with I.replace_visual_tokens(adapter, torch.ones(real.shape[:2], dtype=torch.bool), real):
+            after = I.answer_logits(adapter, batch)
+    assert torch.equal(before, after)
+
+
+def test_ablation_changes_only_chosen_tokens_and_only_inside_the_block(tiny):
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    mean = I.mean_visual_token(adapter, n_images=8, cache=False)
+    mask = torch.zeros(3, adapter.n_visual_tokens, dtype=torch.bool)
+    mask[:, :5] = True
+    real = I.visual_embeddings(adapter, batch)
+    with torch.no_grad(), I.ablate(adapter, mask, "mean", mean_token=mean):
+        ablated = I.visual_embeddings(adapter, batch)
+    assert torch.allclose(ablated[:, :5], mean.expand(3, 5, -1))
+    assert torch.equal(ablated[:, 5:], real[:, 5:])
+    assert torch.equal(I.visual_embeddings(adapter, batch), real)  # hook gone after the block
+    with torch.no_grad(), I.ablate(adapter, mask, "zero"):
+        assert (I.visual_embeddings(adapter, batch)[:, :5] == 0).all()
+
+
+def test_bad_ablation_arguments_are_rejected(tiny):
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    with pytest.raises(ValueError, match="unknown ablation mode"):
+        I.ablate(adapter, torch.zeros(3, 16, dtype=torch.bool), "median")
+    with pytest.raises(ValueError, match="does not match the visual tokens"), I.ablate(
+            adapter, torch.zeros(3, 64, dtype=torch.bool), "zero"):
+        I.answer_logits(adapter, batch)
+
+
+def test_mean_visual_token_is_cached(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    first = I.mean_visual_token(adapter, n_images=4)
+    assert first.shape == (adapter.text_config.hidden_size,)
+    assert len(list((tmp_path / "mean_tokens").glob("*.safetensors"))) == 1
+    assert torch.equal(first, I.mean_visual_token(adapter, n_images=4))
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_knockout_equals_the_minus_inf_reference(tiny_any_attention, padded):
+    _, _, adapter = tiny_any_attention
+    questions = None if padded else ["Hi", "Ho", "Ha"]
+    batch, _ = batch_for(adapter, questions=questions)
+    visual, last = positions(batch, adapter)
+    block = I.block_matrix(batch["input_ids"].shape[1], last, visual)
+    with torch.no_grad():
+        plain = I.answer_logits(adapter, batch)
+        with I.attention_knockout(adapter, block, [0, 2]):
+            knocked = I.answer_logits(adapter, batch)
+    reference = I.reference_knockout_logits(adapter, batch, block, [0, 2])
+    assert (knocked - plain).abs().max() > 1e-3  # the knockout does something ...
+    assert torch.allclose(knocked, reference, atol=1e-5)  # ... and exactly what -inf scores do
+
+
+def test_blocking_all_visual_to_text_edges_makes_the_answer_ignore_the_image(tiny_any_attention):
+    _, _, adapter = tiny_any_attention
+    a, _ = batch_for(adapter, questions=["Hi", "Hi", "Hi"], seed=0)
+    b, _ = batch_for(adapter, questions=["Hi", "Hi", "Hi"], seed=1)
+    visual, _ = positions(a, adapter)
+    block = I.block_matrix(a["input_ids"].shape[1], ~visual, visual)
+    with torch.no_grad():
+        assert not torch.allclose(I.answer_logits(adapter, a), I.answer_logits(adapter, b))
+        with I.attention_knockout(adapter, block, range(adapter.n_layers)):
+            assert torch.allclose(I.answer_logits(adapter, a), I.answer_logits(adapter, b), atol=1e-6)
+
+
+def test_blocking_non_causal_edges_changes_nothing(tiny_any_attention):
+    _, _, adapter = tiny_any_attention
+    batch, _ = batch_for(adapter)
+    n = batch["input_ids"].shape[1]
+    future = torch.ones(n, n, dtype=torch.bool).triu(1)[None].expand(3, n, n)
+    with torch.no_grad():
+        plain = I.answer_logits(adapter, batch)
+        with I.attention_knockout(adapter, future, range(adapter.n_layers)):
+            assert torch.equal(I.answer_logits(adapter, batch), plain)
+
+
+def test_hooks_are_removed_after_an_exception(tiny):
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    visual, last = positions(batch, adapter)
+    modules = [adapter.projector] + [adapter.attention(i) for i in range(adapter.n_layers)]
+    count = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)  # noqa: E731
+    before = count()
+    with pytest.raises(RuntimeError, match="boom"):
+        with I.ablate(adapter, visual[:, :0].new_ones(3, 16), "zero"), \
+                I.attention_knockout(adapter, I.block_matrix(visual.shape[1], last, visual), range(3)):
+            assert count() == before + 1 + 3
+            raise RuntimeError("boom")
+    assert count() == before
+
+
+def test_unsupported_attention_is_refused(tiny):
+    _, _, adapter = tiny
+    previous = adapter.text_config._attn_implementation
+    adapter.text_config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="eager and sdpa"), I.attention_knockout(adapter, None, [0]):
+            pass
+    finally:
+        adapter.text_config._attn_implementation = previous
+
+
+def test_integrated_gradients_are_complete(tiny):
+    """IG's completeness axiom: attributions sum to logit(real) - logit(baseline), up to the Riemann error."""
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    baseline = I.mean_visual_token(adapter, n_images=8, cache=False)
+    with torch.no_grad():
+        logits = I.answer_logits(adapter, batch)
+        answer = logits.argmax(-1)
+        with I.replace_visual_tokens(adapter, torch.ones(3, 16, dtype=torch.bool), baseline):
+            base_logits = I.answer_logits(adapter, batch)
+    rows = torch.arange(3)
+    attributions = I.integrated_gradients(adapter, batch, answer, baseline, steps=32)
+    assert attributions.shape == (3, 16)
+    gap = logits[rows, answer] - base_logits[rows, answer]
+    # 32 midpoint steps on a smooth path: a few percent of the gap, plus float noise
+    assert torch.allclose(attributions.sum(-1), gap, rtol=0.05, atol=1e-3)
+
+
+def test_token_selections():
+    scene = shapes.render_scene([("red", "square", 8, 8, 8)])
+    assert np.flatnonzero(I.object_tokens(scene, 8)).tolist() == [9]
+    assert I.object_tokens(scene, 8, buffer=1).sum() == 9
+    rng = np.random.default_rng(0)
+    random = I.random_tokens(64, 9, rng, exclude=I.object_tokens(scene, 8, buffer=1))
+    assert random.sum() == 9 and not (random & I.object_tokens(scene, 8, buffer=1)).any()
+    assert np.array_equal(random, I.random_tokens(64, 9, np.random.default_rng(0),
+                                                  exclude=I.object_tokens(scene, 8, buffer=1)))
+    emb = torch.ones(64, 4)
+    emb[7] *= 100
+    assert np.flatnonzero(I.high_norm_tokens(emb)).tolist() == [7]
+    assert I.high_norm_tokens(emb, count=3).sum() == 3
+    with pytest.raises(ValueError, match="cannot draw"):
+        I.random_tokens(4, 5, rng)
+
+
+def test_layer_windows_and_presets():
+    assert I.layer_windows(5, 2) == [[0, 1], [1, 2], [2, 3], [3, 4], [4]]
+    presets = I.depth_presets(30)
+    assert presets["early"] == list(range(10)) and presets["late"] == list(range(20, 30))
+    with pytest.raises(ValueError):
+        I.layer_windows(5, 0)
+
+
+def test_flip_rate_and_bootstrap():
+    before = [True] * 10 + [False] * 5
+    after = [False] * 4 + [True] * 6 + [False] * 5
+    assert I.flip_rate(before, after) == 0.4
+    mean, lo, hi = I.bootstrap_ci(before, after, seed=1)
+    assert mean == 0.4 and lo < 0.4 < hi and 0 <= lo and hi <= 1
