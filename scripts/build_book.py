@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         started = time.time()
         print(f"executing {nb.name} (smoke={args.smoke})", flush=True)
         papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": args.smoke},
-                                   cwd=str(ROOT / "notebooks"), progress_bar=False, log_output=False)
+                                   cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False)
         print(f"  done in {time.time() - started:.0f} s", flush=True)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT)], check=True)

@@ -236,7 +236,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args)
+    return train(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Chapter 1: the experiment helpers on a tiny model, and the localization phenomena on shapes-llava."""
+import numpy as np
+import pytest
+import torch
+
+from vlminterp_utils import lenses, localization as L, shapes
+
+
+def test_target_of_finds_the_object_each_question_is_about():
+    for setting in ("vqa", "polling"):
+        for item in L.make_items(setting, 60, 3, 64):
+            q, obj = item.example.question, item.object
+            assert obj.shape in q or obj.color in q
+            if setting == "polling":
+                assert item.example.answer == "yes" and obj.name in q
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="known settings"):
+        L.make_items("captioning", 2, 0, 64)
+
+
+def test_knockout_blocks_have_the_right_edges(tiny):
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 2, 0, adapter.image_size)
+    batch = adapter.inputs([it.example.scene.image for it in items], [it.example.question for it in items])
+    blocks = L.knockout_blocks(adapter, items, batch)
+    visual = batch["input_ids"] == adapter.image_token_id
+    obj = blocks["object → last"][:, -1]
+    non = blocks["non-object → last"][:, -1]
+    assert (obj | non).eq(visual).all() and not (obj & non).any()  # a partition of the visual tokens
+    assert blocks["object → last"][:, :-1].sum() == 0  # only the last position loses edges
+    rows, cols = adapter.grid
+    last_row_queries = blocks["object → last row"].any(-1)
+    assert last_row_queries.sum(-1).le(cols).all()
+
+
+def test_word_token_ids_and_lens_views(tiny):
+    _, _, adapter = tiny
+    ids = L.word_token_ids(adapter.tokenizer, "red")
+    assert ids and all(adapter.tokenizer.decode([i]).strip().lower() == "red" for i in ids)
+    example = shapes.example(0, 0, "caption", size=adapter.image_size)
+    maps, tops = L.lens_views(adapter, example, "red")
+    assert maps.shape == (adapter.n_layers + 1, *adapter.grid)
+    assert ((maps >= 0) & (maps <= 1)).all()
+    assert len(tops) == adapter.n_layers + 1 and len(tops[0]) == adapter.n_visual_tokens
+
+
+def test_the_judge_matches_words_not_substrings():
+    obj = shapes.render_scene([("red", "circle", 10, 10, 16)]).objects[0]
+    assert lenses.normalize_word(" Circles") == "circle"
+    assert lenses.names_object(["the", " Red"], obj)
+    assert lenses.names_object(["circle"], obj)
+    assert not lenses.names_object(["redd", "circular", "blue"], obj)
+    assert lenses.names_background([" white"]) and not lenses.names_background(["red"])
+
+
+def test_logit_lens_describe_returns_words_per_token(tiny):
+    _, _, adapter = tiny
+    h = torch.randn(2, 3, adapter.text_config.hidden_size)
+    out = lenses.LogitLens(adapter).describe(h, layer=0, k=4)
+    assert len(out) == 2 and len(out[0]) == 3 and len(out[0][0]) == 4
+    scores = [s for _, s in out[0][0]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+
+
+# ---------------------------------------------------------------------------------------------- phenomena
+
+def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_llava):
+    """Neo et al.'s central ablation result, on 64 fixed VQA questions (seed 0), buffer 1, mean ablation."""
+    _, _, adapter = shapes_llava
+    items = L.make_items("vqa", 64, 0, adapter.image_size)
+    obj = L.ablation_flips(adapter, items, "vqa", "object", buffer=1, seed=0)
+    rnd = L.ablation_flips(adapter, items, "vqa", "random", buffer=1, seed=0)
+    assert obj["initially_correct"] >= 55  # the model answers these (bar: 95%)
+    # Non-overlapping bootstrap 95% CIs: the gap is not sampling noise of this set of questions.
+    assert obj["ci_low"] > rnd["ci_high"], (obj, rnd)
+
+
+def test_object_to_last_knockout_hurts_far_more_than_non_object_to_last(shapes_llava):
+    """Blocking the answer position from the object's tokens in all layers vs from every other visual token."""
+    _, _, adapter = shapes_llava
+    items = L.make_items("vqa", 32, 1, adapter.image_size)
+    df = L.knockout_curve(adapter, items, windows=[list(range(adapter.n_layers))]).set_index("knockout")
+    obj, non = df.loc["object → last"], df.loc["non-object → last"]
+    # "Far more": the intervals do not overlap and the mean drop is at least twice as large, although the
+    # non-object set has several times more tokens.
+    assert obj["ci_low"] > non["ci_high"] and obj["drop"] > 2 * non["drop"], df

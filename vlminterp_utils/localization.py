@@ -1,0 +1,251 @@
+"""Chapter 1's experiments (Neo et al. 2024): where object information lives and when the answer reads it.
+
+Each function runs one experiment over a list of shapes-world items and returns plain numbers or a DataFrame; the
+chapter shows them and the phenomenon tests assert on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import interventions as I
+from . import lenses, shapes
+
+METHODS = ("object", "random", "high_norm", "high_gradient")
+SETTINGS = ("vqa", "polling", "generative")
+
+
+@dataclass
+class Item:
+    """A question about one target object of a scene."""
+
+    example: shapes.Example
+    target: int  # index into example.scene.objects
+
+    @property
+    def object(self) -> shapes.ShapeObject:
+        return self.example.scene.objects[self.target]
+
+
+def target_of(ex: shapes.Example) -> int:
+    """The object a VQA or polling question is about."""
+    objs, q = ex.scene.objects, ex.question
+    for i, o in enumerate(objs):
+        if (q.startswith("What colour is the ") and o.shape in q) or (q.startswith("What shape is the ") and
+                                                                      f" {o.color} " in q):
+            return i
+        if q.startswith("Is there a ") and f"a {o.name}?" in q:
+            return i
+        if q.startswith("What shape is at the ") and shapes.quadrant(o, ex.scene.size) in q:
+            return i
+    raise ValueError(f"question {q!r} names no single object of the scene")
+
+
+def make_items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
+    """`n` items for a setting: VQA (colour/shape questions), polling (present objects: 'yes'), generative."""
+    if setting == "vqa":
+        exs = shapes.make_examples(n, seed, ("vqa_color", "vqa_shape"), size=image_size)
+    elif setting == "polling":
+        exs = [shapes.example(seed, i, "polling", image_size, positive=True) for i in range(n)]
+    elif setting == "generative":
+        exs = shapes.make_examples(n, seed, "caption", size=image_size, n_objects=(1, 2))
+        rng = np.random.default_rng(seed)
+        return [Item(e, int(rng.integers(len(e.scene.objects)))) for e in exs]
+    else:
+        raise ValueError(f"unknown setting {setting!r}; known settings: {', '.join(SETTINGS)}")
+    return [Item(e, target_of(e)) for e in exs]
+
+
+def first_answer_token(adapter, answer: str) -> int:
+    return adapter.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+
+def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
+                  baseline: torch.Tensor, ig_steps: int = 8) -> torch.Tensor:
+    """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones."""
+    objects = [I.object_tokens(it.example.scene, adapter.patch_size, buffer, [it.target]) for it in items]
+    if method == "object":
+        masks = objects
+    elif method == "random":
+        masks = [I.random_tokens(adapter.n_visual_tokens, int(m.sum()), rng) for m in objects]
+    elif method == "high_norm":
+        emb = I.visual_embeddings(adapter, batch)
+        masks = [I.high_norm_tokens(e, int(m.sum())) for e, m in zip(emb, objects)]
+    elif method == "high_gradient":
+        answers = torch.tensor([first_answer_token(adapter, it.example.answer) for it in items])
+        scores = I.integrated_gradients(adapter, batch, answers, baseline, steps=ig_steps).abs()
+        masks = [I.top_k_mask(s, int(m.sum())) for s, m in zip(scores, objects)]
+    else:
+        raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")
+    return torch.as_tensor(np.stack(masks))
+
+
+def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool]:
+    """VQA and polling: the first answer token (one forward pass). Generative: the caption names the object."""
+    if setting == "generative":
+        captions = adapter.model.generate(**batch, max_new_tokens=24, do_sample=False,
+                                          pad_token_id=adapter.tokenizer.pad_token_id)
+        texts = adapter.tokenizer.batch_decode(captions[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [it.object.name in t.lower() for it, t in zip(items, texts)]
+    with torch.no_grad():
+        predicted = I.answer_logits(adapter, batch).argmax(-1).tolist()
+    return [p == first_answer_token(adapter, it.example.answer) for p, it in zip(predicted, items)]
+
+
+def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
+                   seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None) -> dict:
+    """Correct before and after ablating the selected tokens, with the flip rate and its bootstrap 95% CI."""
+    mean_token = I.mean_visual_token(adapter) if mean_token is None else mean_token
+    rng = np.random.default_rng(seed)
+    before, after = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = adapter.inputs([it.example.scene.image for it in chunk], [it.example.question for it in chunk])
+        masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token)
+        before += _correct(adapter, chunk, batch, setting)
+        with I.ablate(adapter, masks, mode, mean_token=mean_token):
+            after += _correct(adapter, chunk, batch, setting)
+    flip, lo, hi = I.bootstrap_ci(before, after, seed=seed)
+    return {"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
+            "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi}
+
+
+def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
+                   n: int = 64, seed: int = 0) -> pd.DataFrame:
+    mean_token = I.mean_visual_token(adapter)
+    rows = []
+    jobs = [(s, m, b, mo) for s in settings for b in buffers for mo in modes for m in methods]
+    for setting, method, buffer, mode in tqdm(jobs, desc="ablations"):
+        items = make_items(setting, n, seed, adapter.image_size)
+        rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, mean_token=mean_token))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- knockout
+
+def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.Tensor]:
+    """The edges of Neo et al.'s three knockouts, as (batch, seq, seq) block matrices."""
+    ids = batch["input_ids"]
+    seq = ids.shape[1]
+    visual_pos = adapter.visual_positions(ids)
+    obj = torch.zeros_like(ids, dtype=torch.bool)
+    last_row = torch.zeros_like(obj)
+    rows, cols = adapter.grid
+    for b, it in enumerate(items):
+        cells = torch.as_tensor(I.object_tokens(it.example.scene, adapter.patch_size, 1, [it.target]))
+        obj[b, visual_pos[b][cells]] = True
+        last_row[b, visual_pos[b][(rows - 1) * cols:]] = True
+    visual = ids == adapter.image_token_id
+    last = torch.zeros_like(obj)
+    last[:, -1] = True
+    return {"object → last": I.block_matrix(seq, last, obj),
+            "non-object → last": I.block_matrix(seq, last, visual & ~obj),
+            "object → last row": I.block_matrix(seq, last_row & ~obj, obj)}
+
+
+def answer_probability(adapter, batch: dict, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probability of each item's first answer token, and whether it is the model's top choice."""
+    with torch.no_grad():
+        probs = I.answer_logits(adapter, batch).float().softmax(-1)
+    return probs[torch.arange(len(answers)), answers], probs.argmax(-1) == answers
+
+
+def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
+                   windows: list[list[int]] | None = None) -> pd.DataFrame:
+    """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
+
+    Only items the model answers correctly without intervention count, as in Neo et al. `windows` overrides the
+    sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once).
+    """
+    windows = windows or I.layer_windows(adapter.n_layers, window)
+    drops: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = adapter.inputs([it.example.scene.image for it in chunk], [it.example.question for it in chunk])
+        answers = torch.tensor([first_answer_token(adapter, it.example.answer) for it in chunk])
+        base, correct = answer_probability(adapter, batch, answers)
+        blocks = knockout_blocks(adapter, chunk, batch)
+        for name, block in blocks.items():
+            for w in tqdm(windows, desc=f"knockout {name}", leave=False):
+                with I.attention_knockout(adapter, block, w):
+                    p, _ = answer_probability(adapter, batch, answers)
+                drops.setdefault((name, w[0]), []).append(((base - p) / base)[correct])
+    rows = []
+    for (name, layer), values in drops.items():
+        d = torch.cat(values).numpy()
+        mean = d.mean() if len(d) else np.nan
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.nan
+        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean,
+                     "ci_low": mean - half, "ci_high": mean + half})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- logit lens
+
+@torch.no_grad()
+def visual_hidden_states(adapter, examples: list[shapes.Example]) -> torch.Tensor:
+    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens."""
+    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
+    hidden = I.forward(adapter, batch, hidden_states=True).hidden_states
+    pos = adapter.visual_positions(batch["input_ids"])
+    rows = torch.arange(len(examples))[:, None]
+    return torch.stack([h[rows, pos] for h in hidden])
+
+
+def lens_shares(adapter, lens, examples: list[shapes.Example], k: int = 5, batch_size: int = 8) -> pd.DataFrame:
+    """Per layer: share of object patches whose top-k names their object's colour or shape, and the share of
+    background patches (outside a 1-cell buffer around every object) that name some object of the scene."""
+    hits = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        states = visual_hidden_states(adapter, chunk)
+        for layer in range(states.shape[0]):
+            words = lens.describe(states[layer], layer=0, k=k)
+            for ex, patch_words in zip(chunk, words):
+                near = np.logical_or.reduce(ex.scene.object_cells(adapter.patch_size, 1)).ravel()
+                for oi, cells in enumerate(ex.scene.object_cells(adapter.patch_size, 0)):
+                    for p in np.flatnonzero(cells.ravel()):
+                        names = [w for w, _ in patch_words[p]]
+                        hits.setdefault((layer, "object"), []).append(
+                            lenses.names_object(names, ex.scene.objects[oi]))
+                for p in np.flatnonzero(~near):
+                    names = [w for w, _ in patch_words[p]]
+                    hits.setdefault((layer, "background"), []).append(lenses.names_any_object(names, ex.scene))
+    rows = []
+    for (layer, kind), values in sorted(hits.items()):
+        v = np.asarray(values, float)
+        half = 1.96 * np.sqrt(v.mean() * (1 - v.mean()) / len(v))
+        rows.append({"layer": layer, "patches": kind, "share": v.mean(), "ci_low": max(v.mean() - half, 0),
+                     "ci_high": min(v.mean() + half, 1), "n": len(v)})
+    return pd.DataFrame(rows)
+
+
+def word_token_ids(tokenizer, word: str) -> list[int]:
+    """Ids of the single-token spellings of a word (' red', 'red', ' Red', 'Red'), whichever the vocabulary has."""
+    ids = []
+    for variant in (f" {word}", word, f" {word.capitalize()}", word.capitalize()):
+        encoded = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+@torch.no_grad()
+def lens_views(adapter, example: shapes.Example, word: str, lens=None) -> tuple[np.ndarray, list[list[str]]]:
+    """For one image: per layer, each patch's logit-lens probability of `word` (layers + 1, rows, cols), and each
+    patch's top-1 word per layer (for the explorer and the HTML viewer)."""
+    lens = lens or lenses.LogitLens(adapter)
+    states = visual_hidden_states(adapter, [example])[:, 0]
+    ids = word_token_ids(adapter.tokenizer, word)
+    maps, tops = [], []
+    for h in states:
+        probs = lens.scores(h)
+        maps.append(probs[:, ids].sum(-1).reshape(adapter.grid).cpu().numpy())
+        tops.append([lens.word(i) for i in probs.argmax(-1).tolist()])
+    return np.stack(maps), tops
