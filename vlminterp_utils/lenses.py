@@ -39,7 +39,7 @@ class VocabularyLens:
         ids, values = self.top_k(hidden_states, layer, k)
         flat = [[(self.word(i), float(v)) for i, v in zip(row_ids, row_vals)]
                 for row_ids, row_vals in zip(ids.reshape(-1, k).tolist(), values.reshape(-1, k).tolist())]
-        return _unflatten(flat, ids.shape[:-1])
+        return unflatten(flat, ids.shape[:-1])
 
     def word(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]).strip()
@@ -71,7 +71,7 @@ class EmbeddingLens(VocabularyLens):
         return (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)) @ self.normed.T
 
 
-def _unflatten(flat: list, shape) -> list:
+def unflatten(flat: list, shape) -> list:
     for size in reversed(list(shape)[1:]):
         flat = [flat[i:i + size] for i in range(0, len(flat), size)]
     return flat

@@ -96,12 +96,13 @@ def encode_conversation(adapter, image, turns: list[tuple[str, str]]) -> tuple[t
     return torch.cat(ids), torch.cat(loss)
 
 
-def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED) -> dict[str, torch.Tensor]:
+def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED,
+               max_turns: int = 4) -> dict[str, torch.Tensor]:
     seqs, masks, images = [], [], []
     for i in range(batch_size):
         rng = np.random.default_rng([seed, 2, step, i])
         scene = shapes.random_scene(rng)
-        ids, mask = encode_conversation(adapter, scene.image, conversation(scene, rng))
+        ids, mask = encode_conversation(adapter, scene.image, conversation(scene, rng, max_turns))
         seqs.append(ids)
         masks.append(mask)
         images.append(scene.image)

@@ -1,0 +1,134 @@
+"""The contextual index and LatentLens: exactness against brute force, files, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlminterp_utils import corpus, latentlens as LL, lenses, models
+
+
+@pytest.fixture(scope="module")
+def index(tiny):
+    _, _, adapter = tiny
+    return LL.build_index(adapter, corpus.load_corpus(limit=400), layers=[1, 3], cap=5, seed=0)
+
+
+def test_default_layers_spread_over_depth():
+    assert LL.default_layers(30) == [1, 2, 4, 8, 16, 28, 29]
+    assert LL.default_layers(32) == [1, 2, 4, 8, 16, 30, 31]
+
+
+def test_search_equals_a_brute_force_matmul(index):
+    torch.manual_seed(0)
+    queries = torch.randn(20, index.hidden_size)
+    sims, rows, layers = index.search(queries, k=4)
+    q = torch.nn.functional.normalize(queries, dim=-1)
+    # brute force: every entry at every layer, best 4 distinct entries
+    scores = torch.stack([q @ index.embeddings[l].float().T for l in index.layers])  # (layers, n, entries)
+    best_score, best_layer = scores.max(0)
+    top = best_score.topk(4, dim=-1)
+    assert np.allclose(sims, top.values.numpy(), atol=1e-5)
+    assert (rows == top.indices.numpy()).mean() > 0.95  # ties between equal scores may order differently
+    expected_layer = np.take_along_axis(best_layer.numpy(), top.indices.numpy(), axis=1)
+    chosen = np.array(index.layers)[expected_layer]
+    assert (layers == chosen).mean() > 0.95
+
+
+def test_cross_layer_merge_keeps_distinct_entries_at_their_best_layer():
+    sims = np.array([[0.9, 0.5, 0.8, 0.95, 0.1, 0.0]])
+    rows = np.array([[7, 3, 3, 7, 1, -1]])
+    layers = np.array([[1, 1, 1, 4, 4, 4]])
+    s, r, l = LL._merge(sims, rows, layers, k=3)
+    assert r.tolist() == [[7, 3, 1]] and l.tolist() == [[4, 1, 4]]
+    assert np.allclose(s, [[0.95, 0.8, 0.1]])
+
+
+def test_cap_and_dedup(tiny):
+    _, _, adapter = tiny
+    sentences = ["The red circle is here."] * 5 + [f"Item {i} has a red square." for i in range(30)]
+    index = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0)
+    meta = index.metadata
+    counts = meta.groupby("token").size()
+    assert counts.max() <= 3
+    assert (meta.sentence == "The red circle is here.").sum() <= 4  # the repeated sentence is one sentence
+    # identical prefixes are one context: "Item" opens 30 sentences, yet it is one context
+    assert counts["Item"] == 1
+    # " red" has 31 distinct contexts; the 3 kept are drawn at random, not the first 3 met
+    red = meta[meta.token == " red"].sentence_id.tolist()
+    first_met = sorted({s for s in range(31)})[:3]
+    assert len(red) == 3 and red != first_met
+    again = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0).metadata
+    assert again.equals(meta)  # seeded
+
+
+def test_words_are_whole_words(index):
+    sample = index.metadata.sample(50, random_state=0)
+    for token, word, sentence in zip(sample.token, sample.word, sample.sentence):
+        assert token.strip() in word and word in sentence and " " not in word
+
+
+def test_save_load_round_trip_gives_identical_results(index, tmp_path, tiny):
+    _, _, adapter = tiny
+    index.save(tmp_path / "idx")
+    loaded = LL.ContextualIndex.load(tmp_path / "idx", adapter=adapter, layers=[1, 3])
+    q = torch.randn(10, index.hidden_size)
+    for a, b in zip(index.search(q, 5), loaded.search(q, 5)):
+        assert np.array_equal(a, b)
+    assert loaded.metadata.equals(index.metadata)
+    assert not list(tmp_path.glob(".idx.partial-*"))
+    index.save(tmp_path / "idx")  # overwriting an index works and leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_corrupt_and_mismatched_indexes_are_rejected(index, tmp_path, tiny, smol_tokenizer):
+    _, _, adapter = tiny
+    path = index.save(tmp_path / "idx")
+    with pytest.raises(ValueError, match="not the requested"):
+        LL.ContextualIndex.load(path, layers=[1, 2])
+    other, processor = models.build_tiny_llava(hidden=48, tokenizer=smol_tokenizer)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        LL.ContextualIndex.load(path, adapter=models.adapter_for(other, processor))
+    meta = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**meta, "n_entries": meta["n_entries"] + 1}))
+    with pytest.raises(ValueError, match="inconsistent"):
+        LL.ContextualIndex.load(path)
+    (path / "index.json").write_text(json.dumps(meta))
+    blob = (path / "embeddings.safetensors").read_bytes()
+    (path / "embeddings.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        LL.ContextualIndex.load(path)
+    with pytest.raises(ValueError, match="missing or corrupt"):
+        LL.ContextualIndex.load(tmp_path / "nothing-here")
+
+
+def test_queries_of_the_wrong_width_are_rejected(index):
+    with pytest.raises(ValueError, match="build an index for this model"):
+        index.search(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_queries_work(index, dtype):
+    q = torch.randn(8, index.hidden_size)
+    sims, rows, _ = index.search(q.to(dtype), 3)
+    ref_sims, _, _ = index.search(q.to(dtype).float(), 3)
+    assert np.allclose(sims, ref_sims)
+    assert rows.shape == (8, 3)
+
+
+def test_approximate_index_finds_the_exact_nearest_neighbours_mostly(index):
+    approx = LL.ContextualIndex(index.model_name, index.hidden_size, index.layers, index.embeddings,
+                                index.metadata, index.cap, index.seed, approximate=True)
+    q = torch.randn(50, index.hidden_size)
+    exact_rows, approx_rows = index.search(q, 1)[1], approx.search(q, 1)[1]
+    assert (exact_rows == approx_rows).mean() > 0.8  # HNSW is approximate; a small index is nearly exact
+
+
+def test_latent_lens_describes_like_the_other_lenses(index, tiny):
+    _, _, adapter = tiny
+    hidden = torch.randn(2, 3, index.hidden_size)
+    for lens in (LL.LatentLens(index), lenses.LogitLens(adapter), lenses.EmbeddingLens(adapter)):
+        out = lens.describe(hidden, layer=0, k=4)
+        assert len(out) == 2 and len(out[0]) == 3 and len(out[0][0]) == 4
+        assert all(isinstance(w, str) and isinstance(s, float) for w, s in out[1][2])
+    assert LL.LatentLens(index).matched_layers(hidden, 0, k=2).shape == (2, 3, 2)

@@ -1,0 +1,272 @@
+"""LatentLens (Krojer et al. 2026): read a visual token by its nearest contextual text embeddings.
+
+Build once: run the LLM over a text corpus and store, at a few layers, the hidden state of every token occurrence
+(at most `cap` random occurrences per token string), L2-normalised, in fp16, with who-said-it metadata. Then a
+visual token's hidden state is described by the words whose *contextual* embeddings are nearest to it, searched
+with faiss in every stored layer and merged across layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .lenses import unflatten
+
+FORMAT_VERSION = 1
+_LETTERS = re.compile(r"[A-Za-z0-9]")
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """A spread of contextual layers: 1, 2, 4, 8, ... below n - 2, then n - 2 and n - 1."""
+    layers, p = [], 1
+    while p < n_layers - 2:
+        layers.append(p)
+        p *= 2
+    return sorted(set(layers + [max(n_layers - 2, 1), n_layers - 1]))
+
+
+def _word_at(text: str, start: int, end: int) -> str:
+    """The whole word around the character span [start, end) of a token (its leading space excluded)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return text[start:end].strip()
+
+
+@dataclass
+class ContextualIndex:
+    """Contextual embeddings of corpus tokens at several layers, and the metadata of every entry."""
+
+    model_name: str
+    hidden_size: int
+    layers: list[int]
+    embeddings: dict[int, torch.Tensor]  # layer -> (n_entries, hidden) fp16, L2-normalised
+    metadata: pd.DataFrame  # token_id, token, word, sentence, position
+    cap: int
+    seed: int
+    approximate: bool = False
+
+    def __post_init__(self):
+        self._faiss = {}
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    # ------------------------------------------------------------------------------------------ search
+    def _index(self, layer: int):
+        import faiss
+        if layer not in self._faiss:
+            vectors = self.embeddings[layer].float().numpy()
+            if self.approximate:
+                index = faiss.IndexHNSWFlat(self.hidden_size, 32, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexFlatIP(self.hidden_size)
+            index.add(vectors)
+            self._faiss[layer] = index
+        return self._faiss[layer]
+
+    def search(self, queries: torch.Tensor, k: int = 5, layers: list[int] | None = None,
+               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k entries over the chosen contextual layers, merged by cosine similarity.
+
+        `queries` is (n, hidden) in any float dtype. Returns (n, k) similarities, entry rows and the contextual
+        layer each match came from.
+        """
+        if queries.shape[-1] != self.hidden_size:
+            raise ValueError(f"queries have width {queries.shape[-1]} but the index was built for "
+                             f"{self.hidden_size} ({self.model_name}); build an index for this model")
+        q = queries.detach().float().reshape(-1, self.hidden_size)
+        q = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)).numpy()
+        layers = layers or self.layers
+        sims, rows, from_layer = [], [], []
+        for layer in layers:
+            if layer not in self.embeddings:
+                raise ValueError(f"layer {layer} is not in the index (layers {self.layers})")
+            s, r = zip(*(self._index(layer).search(q[i:i + batch_size], k) for i in range(0, len(q), batch_size)))
+            sims.append(np.concatenate(s))
+            rows.append(np.concatenate(r))
+            from_layer.append(np.full_like(rows[-1], layer))
+        return _merge(*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
+
+    # ------------------------------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """A folder: embeddings.safetensors, metadata.parquet, index.json; written to a temp folder, then renamed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+        try:
+            save_file({f"layer_{l}": self.embeddings[l].contiguous() for l in self.layers},
+                      str(tmp / "embeddings.safetensors"))
+            self.metadata.to_parquet(tmp / "metadata.parquet", index=False)
+            (tmp / "index.json").write_text(json.dumps({
+                "format_version": FORMAT_VERSION, "model_name": self.model_name, "hidden_size": self.hidden_size,
+                "layers": self.layers, "n_entries": len(self), "cap": self.cap, "seed": self.seed}, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adapter=None, layers: list[int] | None = None,
+             approximate: bool = False) -> "ContextualIndex":
+        """Load and check an index; with `adapter`/`layers`, also check that it fits that model and layer set."""
+        path = Path(path)
+        fix = f"rebuild it with build_index(...).save({str(path)!r})"
+        try:
+            meta = json.loads((path / "index.json").read_text())
+            tensors = load_file(str(path / "embeddings.safetensors"))
+            metadata = pd.read_parquet(path / "metadata.parquet")
+        except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as err:
+            raise ValueError(f"the contextual index at {path} is missing or corrupt ({err}); {fix}") from err
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"index at {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
+                             f"{fix}")
+        embeddings = {l: tensors.get(f"layer_{l}") for l in meta["layers"]}
+        for l, e in embeddings.items():
+            if e is None or e.shape != (meta["n_entries"], meta["hidden_size"]) or len(metadata) != meta["n_entries"]:
+                raise ValueError(f"index at {path} is inconsistent at layer {l} (embeddings "
+                                 f"{None if e is None else tuple(e.shape)}, {len(metadata)} metadata rows, "
+                                 f"{meta['n_entries']} entries declared); {fix}")
+        if adapter is not None:
+            width, name = adapter.text_config.hidden_size, adapter.config.name_or_path
+            if width != meta["hidden_size"]:
+                raise ValueError(f"index at {path} was built for hidden size {meta['hidden_size']} "
+                                 f"({meta['model_name']}), the model has {width} ({name}); build one for this model")
+        if layers is not None and sorted(layers) != sorted(meta["layers"]):
+            raise ValueError(f"index at {path} holds layers {meta['layers']}, not the requested {sorted(layers)}")
+        return cls(meta["model_name"], meta["hidden_size"], meta["layers"], embeddings, metadata, meta["cap"],
+                   meta["seed"], approximate)
+
+
+def _merge(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
+    """The cross-layer merge: per query, the k best distinct entries over all layers, each at its best layer."""
+    order = np.argsort(-sims, axis=1, kind="stable")
+    out = [np.full((len(sims), k), fill, dtype) for fill, dtype in ((-np.inf, np.float32), (-1, np.int64),
+                                                                     (-1, np.int64))]
+    for q in range(len(sims)):
+        seen, j = set(), 0
+        for c in order[q]:
+            if rows[q, c] < 0 or rows[q, c] in seen:  # faiss pads with -1 when a layer has fewer than k entries
+                continue
+            seen.add(rows[q, c])
+            out[0][q, j], out[1][q, j], out[2][q, j] = sims[q, c], rows[q, c], from_layer[q, c]
+            j += 1
+            if j == k:
+                break
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def choose_occurrences(tokenized: list[list[int]], tokenizer, cap: int, seed: int) -> pd.DataFrame:
+    """At most `cap` occurrences per token string, drawn at random (seeded) from all of them, not first-come.
+
+    Occurrences with the same prefix are one context (a causal LM gives them the same hidden state): kept once.
+    """
+    skip = set(tokenizer.all_special_ids)
+    by_token: dict[str, list[tuple[int, int, int]]] = {}
+    seen_prefixes = set()
+    for s, ids in enumerate(tokenized):
+        for pos, tid in enumerate(ids):
+            if tid in skip or tuple(ids[:pos + 1]) in seen_prefixes:
+                continue
+            seen_prefixes.add(tuple(ids[:pos + 1]))
+            token = tokenizer.decode([tid])
+            if _LETTERS.search(token):
+                by_token.setdefault(token, []).append((s, pos, tid))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for token in sorted(by_token):
+        occ = by_token[token]
+        chosen = rng.choice(len(occ), size=min(cap, len(occ)), replace=False)
+        rows += [(occ[i][0], occ[i][1], occ[i][2], token) for i in sorted(chosen)]
+    return pd.DataFrame(rows, columns=["sentence_id", "position", "token_id", "token"])
+
+
+@torch.no_grad()
+def build_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20, seed: int = 0,
+                batch_size: int = 32, approximate: bool = False) -> ContextualIndex:
+    """Run the adapter's LLM over `sentences` and keep the chosen occurrences' hidden states at `layers`.
+
+    Streaming: only the chosen entries of each batch are kept (fp16), so memory grows with the index, not with
+    the corpus.
+    """
+    layers = sorted(layers or default_layers(adapter.n_layers))
+    if not all(0 <= l <= adapter.n_layers for l in layers):
+        raise ValueError(f"layers must lie in 0..{adapter.n_layers}, got {layers}")
+    sentences = list(dict.fromkeys(s.strip() for s in sentences if s.strip()))  # dedup identical contexts
+    if not sentences:
+        raise ValueError("the corpus is empty: give at least one non-blank sentence")
+    tok = adapter.tokenizer
+    encoded = tok(sentences, add_special_tokens=False, return_offsets_mapping=True)
+    chosen = choose_occurrences(encoded["input_ids"], tok, cap, seed)
+    chosen["word"] = [_word_at(sentences[s], *encoded["offset_mapping"][s][p])
+                      for s, p in zip(chosen.sentence_id, chosen.position)]
+    chosen["sentence"] = [sentences[s] for s in chosen.sentence_id]
+    store = {l: torch.empty(len(chosen), adapter.text_config.hidden_size, dtype=torch.float16) for l in layers}
+    by_sentence = chosen.groupby("sentence_id").indices
+    needed = sorted(by_sentence)
+    language_model = adapter.language_model
+    pad = tok.pad_token_id
+    for start in tqdm(range(0, len(needed), batch_size), desc="contextual embeddings"):
+        ids = [encoded["input_ids"][s] for s in needed[start:start + batch_size]]
+        length = max(map(len, ids))
+        input_ids = torch.full((len(ids), length), pad)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, row in enumerate(ids):  # right padding: positions of real tokens stay as in the sentence
+            input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        hidden = language_model(input_ids=input_ids.to(adapter.device), attention_mask=mask.to(adapter.device),
+                                output_hidden_states=True).hidden_states
+        for i, s in enumerate(needed[start:start + batch_size]):
+            rows = by_sentence[s]
+            positions = torch.as_tensor(chosen.position.values[rows])
+            for l in layers:
+                h = hidden[l][i, positions].float()
+                store[l][rows] = (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).half().cpu()
+    metadata = chosen[["token_id", "token", "word", "sentence", "sentence_id", "position"]].reset_index(drop=True)
+    return ContextualIndex(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, store, metadata,
+                           cap, seed, approximate)
+
+
+class LatentLens:
+    """A lens whose vocabulary is the contextual index: `describe(hidden_states, layer, k)` like the others."""
+
+    name = "LatentLens"
+
+    def __init__(self, index: ContextualIndex):
+        self.index = index
+
+    def search(self, hidden_states, layer: int, k: int = 5):
+        hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
+        sims, rows, from_layer = self.index.search(hidden.reshape(-1, hidden.shape[-1]), k)
+        return hidden.shape[:-1], sims, rows, from_layer
+
+    def describe(self, hidden_states, layer: int, k: int = 5) -> list:
+        """Nested lists (as the input's leading dims) of [(word, similarity), ...] per token."""
+        shape, sims, rows, _ = self.search(hidden_states, layer, k)
+        words = self.index.metadata.word.values
+        flat = [[(words[r], float(s)) for r, s in zip(rr, ss)] for rr, ss in zip(rows, sims)]
+        return unflatten(flat, shape)
+
+    def matched_layers(self, hidden_states, layer: int, k: int = 1) -> np.ndarray:
+        """The contextual layer of each token's top-k matches, (..., k)."""
+        shape, _, _, from_layer = self.search(hidden_states, layer, k)
+        return from_layer.reshape(*shape, k)
