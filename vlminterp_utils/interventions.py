@@ -42,6 +42,16 @@ def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
     return captured["x"]
 
 
+@torch.no_grad()
+def visual_hidden_states(adapter, examples: list[shapes.Example]) -> torch.Tensor:
+    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens."""
+    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
+    hidden = forward(adapter, batch, hidden_states=True).hidden_states
+    pos = adapter.visual_positions(batch["input_ids"])
+    rows = torch.arange(len(examples))[:, None]
+    return torch.stack([h[rows, pos] for h in hidden])
+
+
 def answer_logits(adapter, batch: dict) -> torch.Tensor:
     """Logits of the first answer token: the last position of every (left-padded) prompt."""
     return adapter.model(**batch, logits_to_keep=1).logits[:, -1]

@@ -270,3 +270,33 @@ class LatentLens:
         """The contextual layer of each token's top-k matches, (..., k)."""
         shape, _, _, from_layer = self.search(hidden_states, layer, k)
         return from_layer.reshape(*shape, k)
+
+
+def matched_layer_counts(adapter, lens: LatentLens, examples, query_layers=None) -> pd.DataFrame:
+    """For visual tokens read at each query layer: how often the top-1 match comes from each contextual layer."""
+    from .interventions import visual_hidden_states
+    query_layers = range(1, adapter.n_layers + 1) if query_layers is None else query_layers
+    states = visual_hidden_states(adapter, examples)
+    rows = []
+    for layer in query_layers:
+        matched = lens.matched_layers(states[layer], layer, k=1).ravel()
+        for contextual, count in zip(*np.unique(matched, return_counts=True)):
+            rows.append({"query_layer": layer, "contextual_layer": int(contextual), "count": int(count)})
+    return pd.DataFrame(rows)
+
+
+def cached_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20, seed: int = 0,
+                 folder: str | Path | None = None) -> ContextualIndex:
+    """Load the index for this model, corpus, layers, cap and seed from the cache, or build and save it."""
+    import hashlib
+
+    from . import weights
+    layers = sorted(layers or default_layers(adapter.n_layers))
+    key = hashlib.sha256(json.dumps([adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap,
+                                     seed, sentences]).encode()).hexdigest()[:16]
+    path = Path(folder or weights.cache_dir() / "latentlens") / key
+    if (path / "index.json").exists():
+        return ContextualIndex.load(path, adapter=adapter, layers=layers)
+    index = build_index(adapter, sentences, layers, cap, seed)
+    index.save(path)
+    return index

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import shapes
 
@@ -102,3 +105,87 @@ def names_any_object(words, scene: shapes.Scene) -> bool:
 
 def names_background(words) -> bool:
     return any(normalize_word(w) in shapes.BACKGROUND_WORDS for w in words)
+
+
+# ---------------------------------------------------------------------------------------------- readings
+
+def patch_kinds(scene: shapes.Scene, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major): 'object', 'ring' (within one cell of an object) or 'background', and the index of
+    the object an object patch shows (-1 otherwise; where two objects share a patch, the first)."""
+    cells = scene.object_cells(patch_size, 0)
+    near = np.logical_or.reduce(scene.object_cells(patch_size, 1)).ravel()
+    owner = np.full(cells[0].size, -1)
+    for i in reversed(range(len(cells))):
+        owner[cells[i].ravel()] = i
+    kinds = np.where(owner >= 0, "object", np.where(near, "ring", "background"))
+    return kinds, owner
+
+
+def patch_readings(adapter, lens, examples: list[shapes.Example], k: int = 5, layers=None,
+                   batch_size: int = 8) -> pd.DataFrame:
+    """What a lens reads at every visual token of every layer: one row per (layer, example, patch) with the
+    patch's kind, its object and the lens's top-k words."""
+    from .interventions import visual_hidden_states
+    layers = range(adapter.n_layers + 1) if layers is None else layers
+    rows = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"{getattr(lens, 'name', 'lens')} readings",
+                      leave=False):
+        chunk = examples[start:start + batch_size]
+        states = visual_hidden_states(adapter, chunk)
+        info = [patch_kinds(ex.scene, adapter.patch_size) for ex in chunk]
+        for layer in layers:
+            words = lens.describe(states[layer], layer=layer, k=k)
+            for j, (patch_words, (kinds, owner)) in enumerate(zip(words, info)):
+                for p, pw in enumerate(patch_words):
+                    rows.append((layer, start + j, p, kinds[p], owner[p], [w for w, _ in pw]))
+    return pd.DataFrame(rows, columns=["layer", "example", "patch", "kind", "object", "words"])
+
+
+def shapes_judge(row, scene: shapes.Scene) -> bool | None:
+    """The book's rule: an object patch is read right when its words name the object's colour or shape, a
+    background patch when they contain a background word; patches next to an object are not judged."""
+    if row.kind == "object":
+        return names_object(row.words, scene.objects[row.object])
+    if row.kind == "background":
+        return names_background(row.words)
+    return None
+
+
+def names_scene_judge(row, scene: shapes.Scene) -> bool | None:
+    """Chapter 1's variant: object patches name their object; background patches 'name' any object (a false
+    alarm rate rather than a hit rate)."""
+    if row.kind == "object":
+        return names_object(row.words, scene.objects[row.object])
+    if row.kind == "background":
+        return names_any_object(row.words, scene)
+    return None
+
+
+def string_match_judge(labels: list[set[str]]):
+    """A judge for real images without patch ground truth: a patch is read right when a word matches one of its
+    image's labels (e.g. nouns of a caption). `labels[i]` are the labels of example i."""
+    def judge(row, scene) -> bool:
+        return any(normalize_word(w) in labels[row.example] for w in row.words)
+    return judge
+
+
+def interpretable_share(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge,
+                        by=("layer",)) -> pd.DataFrame:
+    """Share of judged patches that a judge accepts, grouped by `by`, with a normal-approximation 95% CI."""
+    verdicts = [judge(row, examples[row.example].scene) for row in readings.itertuples()]
+    judged = readings.assign(hit=verdicts)
+    judged = judged[judged.hit.notna()].astype({"hit": float})
+    out = judged.groupby(list(by)).hit.agg(["mean", "count"]).reset_index()
+    half = 1.96 * np.sqrt(out["mean"] * (1 - out["mean"]) / out["count"])
+    return out.rename(columns={"mean": "share", "count": "n"}).assign(
+        ci_low=(out["mean"] - half).clip(lower=0), ci_high=(out["mean"] + half).clip(upper=1))
+
+
+def compare_lenses(adapter, lens_list, examples: list[shapes.Example], k: int = 5,
+                   judge=shapes_judge) -> pd.DataFrame:
+    """Interpretable share per layer for each lens, one table with a `lens` column."""
+    tables = []
+    for lens in lens_list:
+        readings = patch_readings(adapter, lens, examples, k)
+        tables.append(interpretable_share(readings, examples, judge).assign(lens=lens.name))
+    return pd.concat(tables, ignore_index=True)

@@ -188,42 +188,11 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
 
 # ---------------------------------------------------------------------------------------------- logit lens
 
-@torch.no_grad()
-def visual_hidden_states(adapter, examples: list[shapes.Example]) -> torch.Tensor:
-    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens."""
-    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
-    hidden = I.forward(adapter, batch, hidden_states=True).hidden_states
-    pos = adapter.visual_positions(batch["input_ids"])
-    rows = torch.arange(len(examples))[:, None]
-    return torch.stack([h[rows, pos] for h in hidden])
-
-
-def lens_shares(adapter, lens, examples: list[shapes.Example], k: int = 5, batch_size: int = 8) -> pd.DataFrame:
-    """Per layer: share of object patches whose top-k names their object's colour or shape, and the share of
+def lens_shares(adapter, lens, examples: list[shapes.Example], k: int = 5) -> pd.DataFrame:
+    """Per layer: share of object patches whose top-k names their object's colour or shape, and share of
     background patches (outside a 1-cell buffer around every object) that name some object of the scene."""
-    hits = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        states = visual_hidden_states(adapter, chunk)
-        for layer in range(states.shape[0]):
-            words = lens.describe(states[layer], layer=0, k=k)
-            for ex, patch_words in zip(chunk, words):
-                near = np.logical_or.reduce(ex.scene.object_cells(adapter.patch_size, 1)).ravel()
-                for oi, cells in enumerate(ex.scene.object_cells(adapter.patch_size, 0)):
-                    for p in np.flatnonzero(cells.ravel()):
-                        names = [w for w, _ in patch_words[p]]
-                        hits.setdefault((layer, "object"), []).append(
-                            lenses.names_object(names, ex.scene.objects[oi]))
-                for p in np.flatnonzero(~near):
-                    names = [w for w, _ in patch_words[p]]
-                    hits.setdefault((layer, "background"), []).append(lenses.names_any_object(names, ex.scene))
-    rows = []
-    for (layer, kind), values in sorted(hits.items()):
-        v = np.asarray(values, float)
-        half = 1.96 * np.sqrt(v.mean() * (1 - v.mean()) / len(v))
-        rows.append({"layer": layer, "patches": kind, "share": v.mean(), "ci_low": max(v.mean() - half, 0),
-                     "ci_high": min(v.mean() + half, 1), "n": len(v)})
-    return pd.DataFrame(rows)
+    readings = lenses.patch_readings(adapter, lens, examples, k)
+    return lenses.interpretable_share(readings, examples, judge=lenses.names_scene_judge, by=("layer", "kind"))
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
@@ -241,7 +210,7 @@ def lens_views(adapter, example: shapes.Example, word: str, lens=None) -> tuple[
     """For one image: per layer, each patch's logit-lens probability of `word` (layers + 1, rows, cols), and each
     patch's top-1 word per layer (for the explorer and the HTML viewer)."""
     lens = lens or lenses.LogitLens(adapter)
-    states = visual_hidden_states(adapter, [example])[:, 0]
+    states = I.visual_hidden_states(adapter, [example])[:, 0]
     ids = word_token_ids(adapter.tokenizer, word)
     maps, tops = [], []
     for h in states:

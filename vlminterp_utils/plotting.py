@@ -172,3 +172,32 @@ document.getElementById('s').oninput=e=>draw(+e.target.value);draw(0);
     tmp.write_text(page)
     os.replace(tmp, path)
     return path
+
+
+def word_grids(image, words_by_name: dict[str, list[str]], grid: tuple[int, int], suptitle: str | None = None):
+    """Side by side, each patch's top word under several lenses; returns the figure."""
+    fig, axes = plt.subplots(1, len(words_by_name), figsize=(5 * len(words_by_name), 5))
+    for ax, (name, words) in zip(np.atleast_1d(axes), words_by_name.items()):
+        _word_grid(ax, image, words, grid)
+        ax.set_title(name, fontsize=10)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def matched_layer_heatmap(counts, ax=None, title: str | None = None):
+    """Rows: the layer a visual token is read at; columns: the contextual layer its best match comes from."""
+    table = counts.pivot_table(index="query_layer", columns="contextual_layer", values="count", fill_value=0)
+    share = table.div(table.sum(1), axis=0)
+    ax = ax or plt.subplots(figsize=(6, 5))[1]
+    shown = ax.imshow(share.values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(share.shape[1]), share.columns)
+    ax.set_yticks(range(0, share.shape[0], max(1, share.shape[0] // 10)),
+                  share.index[::max(1, share.shape[0] // 10)])
+    ax.set_xlabel("contextual layer of the best match")
+    ax.set_ylabel("layer the visual token is read at")
+    plt.colorbar(shown, ax=ax, label="share of visual tokens")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
