@@ -25,7 +25,7 @@ def test_search_equals_a_brute_force_matmul(index):
     sims, rows, layers = index.search(queries, k=4)
     q = torch.nn.functional.normalize(queries, dim=-1)
     # brute force: every entry at every layer, best 4 distinct entries
-    scores = torch.stack([q @ index.embeddings[l].float().T for l in index.layers])  # (layers, n, entries)
+    scores = torch.stack([q @ index.embeddings[layer].float().T for layer in index.layers])  # (layers, n, entries)
     best_score, best_layer = scores.max(0)
     top = best_score.topk(4, dim=-1)
     assert np.allclose(sims, top.values.numpy(), atol=1e-5)
@@ -39,9 +39,9 @@ def test_cross_layer_merge_keeps_distinct_entries_at_their_best_layer():
     sims = np.array([[0.9, 0.5, 0.8, 0.95, 0.1, 0.0]])
     rows = np.array([[7, 3, 3, 7, 1, -1]])
     layers = np.array([[1, 1, 1, 4, 4, 4]])
-    s, r, l = LL._merge(sims, rows, layers, k=3)
-    assert r.tolist() == [[7, 3, 1]] and l.tolist() == [[4, 1, 4]]
-    assert np.allclose(s, [[0.95, 0.8, 0.1]])
+    merged_sims, merged_rows, merged_layers = LL._merge(sims, rows, layers, k=3)
+    assert merged_rows.tolist() == [[7, 3, 1]] and merged_layers.tolist() == [[4, 1, 4]]
+    assert np.allclose(merged_sims, [[0.95, 0.8, 0.1]])
 
 
 def test_cap_and_dedup(tiny):

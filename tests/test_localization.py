@@ -1,5 +1,4 @@
 """Chapter 1: the experiment helpers on a tiny model, and the localization phenomena on shapes-llava."""
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,17 @@ def test_target_of_finds_the_object_each_question_is_about():
             assert obj.shape in q or obj.color in q
             if setting == "polling":
                 assert item.example.answer == "yes" and obj.name in q
+
+
+def test_attribution_target_points_at_the_objects_colour_word(tiny):
+    _, _, adapter = tiny
+    for item in L.make_items("generative", 20, 4, adapter.image_size):
+        prefix, token = L.attribution_target(adapter, item)
+        caption = item.example.answer
+        assert (prefix + adapter.tokenizer.decode([token])) == caption[:len(prefix) + 1 + len(item.object.color)]
+        assert caption.startswith(prefix) and prefix.endswith("a")
+    vqa = L.make_items("vqa", 1, 0, adapter.image_size)[0]
+    assert L.attribution_target(adapter, vqa) == ("", L.first_answer_token(adapter, vqa.example.answer))
 
 
 def test_unknown_setting_is_rejected():

@@ -110,7 +110,7 @@ class ContextualIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
         try:
-            save_file({f"layer_{l}": self.embeddings[l].contiguous() for l in self.layers},
+            save_file({f"layer_{layer}": self.embeddings[layer].contiguous() for layer in self.layers},
                       str(tmp / "embeddings.safetensors"))
             self.metadata.to_parquet(tmp / "metadata.parquet", index=False)
             (tmp / "index.json").write_text(json.dumps({
@@ -139,10 +139,10 @@ class ContextualIndex:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"index at {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
                              f"{fix}")
-        embeddings = {l: tensors.get(f"layer_{l}") for l in meta["layers"]}
-        for l, e in embeddings.items():
+        embeddings = {layer: tensors.get(f"layer_{layer}") for layer in meta["layers"]}
+        for layer, e in embeddings.items():
             if e is None or e.shape != (meta["n_entries"], meta["hidden_size"]) or len(metadata) != meta["n_entries"]:
-                raise ValueError(f"index at {path} is inconsistent at layer {l} (embeddings "
+                raise ValueError(f"index at {path} is inconsistent at layer {layer} (embeddings "
                                  f"{None if e is None else tuple(e.shape)}, {len(metadata)} metadata rows, "
                                  f"{meta['n_entries']} entries declared); {fix}")
         if adapter is not None:
@@ -210,7 +210,7 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
     the corpus.
     """
     layers = sorted(layers or default_layers(adapter.n_layers))
-    if not all(0 <= l <= adapter.n_layers for l in layers):
+    if not all(0 <= layer <= adapter.n_layers for layer in layers):
         raise ValueError(f"layers must lie in 0..{adapter.n_layers}, got {layers}")
     sentences = list(dict.fromkeys(s.strip() for s in sentences if s.strip()))  # dedup identical contexts
     if not sentences:
@@ -221,7 +221,8 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
     chosen["word"] = [_word_at(sentences[s], *encoded["offset_mapping"][s][p])
                       for s, p in zip(chosen.sentence_id, chosen.position)]
     chosen["sentence"] = [sentences[s] for s in chosen.sentence_id]
-    store = {l: torch.empty(len(chosen), adapter.text_config.hidden_size, dtype=torch.float16) for l in layers}
+    width = adapter.text_config.hidden_size
+    store = {layer: torch.empty(len(chosen), width, dtype=torch.float16) for layer in layers}
     by_sentence = chosen.groupby("sentence_id").indices
     needed = sorted(by_sentence)
     language_model = adapter.language_model
@@ -238,9 +239,9 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
         for i, s in enumerate(needed[start:start + batch_size]):
             rows = by_sentence[s]
             positions = torch.as_tensor(chosen.position.values[rows])
-            for l in layers:
-                h = hidden[l][i, positions].float()
-                store[l][rows] = (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).half().cpu()
+            for layer in layers:
+                h = hidden[layer][i, positions].float()
+                store[layer][rows] = (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).half().cpu()
     metadata = chosen[["token_id", "token", "word", "sentence", "sentence_id", "position"]].reset_index(drop=True)
     return ContextualIndex(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, store, metadata,
                            cap, seed, approximate)

@@ -64,6 +64,21 @@ def first_answer_token(adapter, answer: str) -> int:
     return adapter.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
 
 
+def attribution_target(adapter, item: Item) -> tuple[str, int]:
+    """(answer prefix, token) whose logit measures how much the answer depends on the target object.
+
+    VQA and polling: the first answer token. Generative: the object's colour word at its place in the caption,
+    after the caption's words before it (teacher-forced), since a caption's first token is just 'a'.
+    """
+    if item.example.qtype != "caption":
+        return "", first_answer_token(adapter, item.example.answer)
+    caption = item.example.answer
+    start = caption.index(f"a {item.object.name}")
+    colour_token = adapter.tokenizer(f"{caption[:start + 1]} {item.object.color}",
+                                     add_special_tokens=False)["input_ids"][-1]
+    return caption[:start + 1], colour_token
+
+
 # ---------------------------------------------------------------------------------------------- ablation
 
 def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
@@ -78,8 +93,10 @@ def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: 
         emb = I.visual_embeddings(adapter, batch)
         masks = [I.high_norm_tokens(e, int(m.sum())) for e, m in zip(emb, objects)]
     elif method == "high_gradient":
-        answers = torch.tensor([first_answer_token(adapter, it.example.answer) for it in items])
-        scores = I.integrated_gradients(adapter, batch, answers, baseline, steps=ig_steps).abs()
+        prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
+        target_batch = adapter.inputs([it.example.scene.image for it in items],
+                                      [it.example.question for it in items], list(prefixes))
+        scores = I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs()
         masks = [I.top_k_mask(s, int(m.sum())) for s, m in zip(scores, objects)]
     else:
         raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")

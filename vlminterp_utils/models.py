@@ -139,16 +139,21 @@ class VLMAdapter:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
-    def inputs(self, images, questions) -> dict[str, torch.Tensor]:
-        """Processor output for a batch of (image, question), left-padded so every answer starts at the end."""
+    def inputs(self, images, questions, answer_prefixes=None) -> dict[str, torch.Tensor]:
+        """Processor output for a batch of (image, question), left-padded so every answer starts at the end.
+
+        `answer_prefixes` (one string per question) are appended after the prompt, as if the model had already
+        said them: the last position then predicts the token that follows.
+        """
         images = [check_image(im) for im in _as_list(images)]
         questions = _as_list(questions)
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions; pass one question per image")
+        prefixes = [""] * len(questions) if answer_prefixes is None else _as_list(answer_prefixes)
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            batch = self.processor(images=images, text=[self.prompt(q) for q in questions],
+            batch = self.processor(images=images, text=[self.prompt(q) + a for q, a in zip(questions, prefixes)],
                                    return_tensors="pt", padding=True)
         finally:
             tok.padding_side = side

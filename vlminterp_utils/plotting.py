@@ -201,3 +201,20 @@ def matched_layer_heatmap(counts, ax=None, title: str | None = None):
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def loss_curves(history, ax=None, title: str | None = None):
+    """Every weighted loss term of an inversion over the steps, on a log scale."""
+    ax = ax or plt.subplots(figsize=(7, 3.4))[1]
+    for column in history.columns:
+        if column not in ("step", "lr"):
+            ax.plot(history["step"], history[column].clip(lower=1e-8), label=column,
+                    lw=2.2 if column == "total" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted loss")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

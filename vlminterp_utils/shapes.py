@@ -150,6 +150,15 @@ def random_scene(rng: np.random.Generator, size: int = 64, n_objects: int | tupl
     return render_scene(specs, size, background, texture, rng)
 
 
+def concept_scene(rng: np.random.Generator, color: str, shape: str, size: int = 64) -> Scene:
+    """One object of the given colour and shape, at a random size and place, on a random light background."""
+    side = int(rng.integers(round(0.22 * size), round(0.40 * size) + 1))
+    x0, y0 = (int(v) for v in rng.integers(1, size - side, size=2))
+    gray = int(rng.integers(215, 250))
+    background = tuple(int(np.clip(gray + t, 0, 255)) for t in rng.integers(-8, 9, size=3))
+    return render_scene([(color, shape, x0, y0, side)], size, background, float(rng.choice([0.0, 0.0, 4.0])), rng)
+
+
 def _well_separated(boxes: list[tuple[int, int, int, int]], min_dx: float, gap: int = 2) -> bool:
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:

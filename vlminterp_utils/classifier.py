@@ -1,0 +1,132 @@
+"""An independent judge of images: a small CNN that names the colour and shape of a shapes-world object.
+
+It never sees the VLM: it is trained on rendered one-object scenes (`python -m vlminterp_utils.classifier`) and
+shipped in `data/classifier/` with its held-out accuracy. Chapter 3 asks it what an inverted image shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import shapes
+
+CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
+TRAIN_SEED, HELD_OUT_SEED = 30_000, 31_000
+
+
+class ShapeClassifier(nn.Module):
+    """Four conv blocks, global average pooling, two heads (colour, shape). Works at any input size."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, c = [], 3
+        for out in (width, width * 2, width * 2, width * 4):
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.color = nn.Linear(c, len(shapes.COLORS))
+        self.shape = nn.Linear(c, len(shapes.SHAPES))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixels` in [0, 1], (batch, 3, H, W)."""
+        h = self.features(pixels * 2 - 1).mean((2, 3))
+        return self.color(h), self.shape(h)
+
+
+def to_pixels(images, size: int = 64) -> torch.Tensor:
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def one_object_scenes(n: int, seed: int, size: int = 64) -> list[shapes.Scene]:
+    return [shapes.random_scene(np.random.default_rng([seed, i]), size, n_objects=1) for i in range(n)]
+
+
+def labels(scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    colors = torch.tensor([list(shapes.COLORS).index(s.objects[0].color) for s in scenes])
+    kinds = torch.tensor([shapes.SHAPES.index(s.objects[0].shape) for s in scenes])
+    return colors, kinds
+
+
+@torch.no_grad()
+def predict(model: ShapeClassifier, pixels: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
+    """Colour and shape names for a batch of [0, 1] pixels, and the joint confidence of each prediction."""
+    model.eval()
+    color_logits, shape_logits = model(pixels.float())
+    pc, ps = color_logits.softmax(-1), shape_logits.softmax(-1)
+    confidence = pc.max(-1).values * ps.max(-1).values
+    return ([list(shapes.COLORS)[i] for i in pc.argmax(-1)], [shapes.SHAPES[i] for i in ps.argmax(-1)], confidence)
+
+
+def accuracy(model: ShapeClassifier, n: int = 500, seed: int = HELD_OUT_SEED) -> dict[str, float]:
+    scenes = one_object_scenes(n, seed)
+    colors, kinds = predict(model, to_pixels([s.image for s in scenes]))[:2]
+    truth_c, truth_s = [s.objects[0].color for s in scenes], [s.objects[0].shape for s in scenes]
+    return {"color": float(np.mean([a == b for a, b in zip(colors, truth_c)])),
+            "shape": float(np.mean([a == b for a, b in zip(kinds, truth_s)])),
+            "both": float(np.mean([a == b and c == d for a, b, c, d in zip(colors, truth_c, kinds, truth_s)]))}
+
+
+def train(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = TRAIN_SEED) -> tuple:
+    torch.manual_seed(0)
+    model = ShapeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    started = time.time()
+    bar = tqdm(range(steps), desc="training the shape classifier")
+    for step in bar:
+        model.train()
+        scenes = one_object_scenes(batch_size, seed + step)
+        color, kind = labels(scenes)
+        pc, ps = model(to_pixels([s.image for s in scenes]))
+        loss = F.cross_entropy(pc, color) + F.cross_entropy(ps, kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model, {"steps": steps, "batch_size": batch_size, "wall_time_s": time.time() - started}
+
+
+def save(model: ShapeClassifier, meta: dict, folder: Path = CLASSIFIER_DIR) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in (("classifier.safetensors", lambda p: save_file(model.state_dict(), str(p))),
+                        ("classifier.json", lambda p: p.write_text(json.dumps(meta, indent=2)))):
+        tmp = folder / (name + ".partial")
+        write(tmp)
+        os.replace(tmp, folder / name)
+
+
+def load(folder: Path = CLASSIFIER_DIR) -> ShapeClassifier:
+    path = folder / "classifier.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train it with `python -m vlminterp_utils.classifier`")
+    model = ShapeClassifier()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the independent shape classifier of chapter 3")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--out", default=str(CLASSIFIER_DIR))
+    args = parser.parse_args(argv)
+    model, meta = train(args.steps)
+    meta["held_out_accuracy"] = accuracy(model)
+    print(json.dumps(meta, indent=2))
+    save(model, meta, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

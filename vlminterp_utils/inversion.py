@@ -1,0 +1,314 @@
+"""MIMIC (Jain & Stergiou 2025): synthesise an image that makes a frozen VLM give a target answer.
+
+Gradient descent on the pixels through the frozen model, with
+  - cross-entropy of the target answer under teacher forcing (loss on the answer tokens only),
+  - feature alignment: per-layer, per-channel mean and variance of the vision tower's tokens, matched to the same
+    statistics averaged over real images of the concept,
+  - a patch-boundary term: squared differences across the ViT's patch boundaries,
+  - priors: TV-L1, TV-L2 (with diagonals) and L2,
+and random jitter (optionally flips) every step, pixels clamped to [0, 1], Adam with betas (0.5, 0.9) and a cosine
+schedule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import models, shapes, weights
+
+CONCEPT_SEED = 40_000
+
+
+@dataclass
+class InversionConfig:
+    """Every weight and knob of one inversion. A weight of 0 switches its term off."""
+
+    steps: int = 200
+    lr: float = 0.05
+    ce: float = 1.0
+    feature: float = 1.0
+    patch: float = 1.0
+    tv_l1: float = 0.0
+    tv_l2: float = 2.0
+    l2: float = 0.05
+    jitter: int = 2  # pixels, each direction
+    flip: bool = False
+    init_std: float = 0.05  # around mid-gray
+    betas: tuple[float, float] = (0.5, 0.9)
+    seed: int = 0
+    progress: bool = True
+
+
+ABLATIONS: dict[str, dict] = {
+    "CE only": dict(feature=0.0, patch=0.0, tv_l1=0.0, tv_l2=0.0, l2=0.0),
+    "CE + feature": dict(patch=0.0, tv_l1=0.0, tv_l2=0.0, l2=0.0),
+    "CE + patch": dict(feature=0.0, tv_l1=0.0, tv_l2=0.0, l2=0.0),
+    "CE + priors": dict(feature=0.0, patch=0.0),
+    "all": dict(),
+    "feature, no CE": dict(ce=0.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def _vision_states(adapter, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every vision-tower layer's patch tokens (the CLS token dropped when the model drops it)."""
+    out = adapter.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+    drop = 1 if adapter.config.vision_feature_select_strategy == "default" else 0
+    return tuple(h[:, drop:] for h in out.hidden_states[1:])
+
+
+def token_statistics(states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, layers, channels) mean and variance over tokens, per image."""
+    return (torch.stack([h.mean(1) for h in states], 1), torch.stack([h.var(1, unbiased=False) for h in states], 1))
+
+
+def normalize_pixels(adapter, pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels to the model's input, with the processor's own mean and std."""
+    ip = adapter.processor.image_processor
+    mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    return (pixels - mean) / std
+
+
+def to_pixels(images, size: int) -> torch.Tensor:
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def concept_stats(adapter, color: str, shape: str, n_images: int = 32, seed: int = CONCEPT_SEED,
+                  cache: bool = True) -> dict[str, torch.Tensor]:
+    """Per-layer token mean and variance of the vision tower, averaged over real images of one concept."""
+    key = json.dumps([adapter.config.name_or_path, color, shape, n_images, seed, adapter.image_size,
+                      float(next(adapter.vision_tower.parameters()).double().sum())])
+    path = weights.cache_dir() / "concept_stats" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".safetensors")
+    if cache and path.exists():
+        return load_file(str(path))
+    rng = np.random.default_rng([seed, list(shapes.COLORS).index(color), shapes.SHAPES.index(shape)])
+    images = [shapes.concept_scene(rng, color, shape, adapter.image_size).image for _ in range(n_images)]
+    pixels = normalize_pixels(adapter, to_pixels(images, adapter.image_size)).to(adapter.device)
+    mean, var = token_statistics(_vision_states(adapter, pixels.to(next(adapter.vision_tower.parameters()).dtype)))
+    stats = {"mean": mean.float().mean(0).cpu().contiguous(), "var": var.float().mean(0).cpu().contiguous()}
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(stats, str(path.with_name(path.name + ".partial")))
+        path.with_name(path.name + ".partial").replace(path)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- loss terms
+
+def feature_loss(states, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Squared error of per-layer channel means and variances, relative to the real images' spread of values."""
+    mean, var = token_statistics(states)
+    target_mean, target_var = stats["mean"].to(mean), stats["var"].to(var)
+    scale = target_var.mean(-1, keepdim=True) + 1e-6  # per layer: makes layers of different scales comparable
+    return (((mean - target_mean) ** 2 / scale).mean() + ((var - target_var) ** 2 / scale ** 2).mean())
+
+
+def patch_boundary_loss(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean squared difference between pixels on either side of every patch boundary."""
+    cols = torch.arange(patch_size, pixels.shape[-1], patch_size, device=pixels.device)
+    rows = torch.arange(patch_size, pixels.shape[-2], patch_size, device=pixels.device)
+    across_cols = pixels[..., :, cols] - pixels[..., :, cols - 1]
+    across_rows = pixels[..., rows, :] - pixels[..., rows - 1, :]
+    return (across_cols ** 2).mean() + (across_rows ** 2).mean()
+
+
+def _neighbour_differences(pixels: torch.Tensor) -> list[torch.Tensor]:
+    return [pixels[..., :, 1:] - pixels[..., :, :-1], pixels[..., 1:, :] - pixels[..., :-1, :],
+            pixels[..., 1:, 1:] - pixels[..., :-1, :-1], pixels[..., 1:, :-1] - pixels[..., :-1, 1:]]
+
+
+def tv_l1(pixels: torch.Tensor) -> torch.Tensor:
+    """Total variation, L1: mean absolute difference to the horizontal, vertical and diagonal neighbours."""
+    return sum(d.abs().mean() for d in _neighbour_differences(pixels))
+
+
+def tv_l2(pixels: torch.Tensor) -> torch.Tensor:
+    """Total variation, L2: mean squared difference to the horizontal, vertical and diagonal neighbours."""
+    return sum((d ** 2).mean() for d in _neighbour_differences(pixels))
+
+
+def l2_prior(pixels: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance from mid-gray."""
+    return ((pixels - 0.5) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------- inversion
+
+@dataclass
+class InversionResult:
+    images: list[Image.Image]
+    history: pd.DataFrame  # one row per step: every weighted term, the total and the learning rate
+    target_probability: list[float]  # of the whole target answer, teacher-forced, on the final images
+    config: InversionConfig
+
+
+def _check_text(prompt, target_text, adapter) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    targets = [target_text] if isinstance(target_text, str) else list(target_text)
+    if len(prompts) == 1 and len(targets) > 1:
+        prompts = prompts * len(targets)
+    if len(prompts) != len(targets) or not targets:
+        raise ValueError(f"got {len(prompts)} prompts for {len(targets)} target texts; give one prompt, or one "
+                         "per target")
+    image_token = adapter.processor.image_token
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip() or image_token in p:
+            raise ValueError(f"bad prompt {p!r}: give the question as plain text; the image placeholder "
+                             f"({image_token}) is added by the chat template")
+    for t in targets:
+        if not isinstance(t, str) or not t.strip() or image_token in t:
+            raise ValueError(f"bad target text {t!r}: give the answer the model should produce, as non-empty text")
+    return prompts, targets
+
+
+def teacher_forced_batch(adapter, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Prompt + target answer per row (right-padded), with a mask of the answer tokens (the only loss)."""
+    tok = adapter.tokenizer
+    placeholder = Image.new("RGB", (adapter.image_size, adapter.image_size))
+    rows = []
+    for p, t in zip(prompts, targets):
+        prompt_ids = adapter.processor(images=[placeholder], text=[adapter.prompt(p)],
+                                       return_tensors="pt")["input_ids"][0]
+        answer_ids = torch.tensor(tok(t.strip(), add_special_tokens=False)["input_ids"])
+        rows.append((prompt_ids, answer_ids))
+    length = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    attention = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        input_ids[i, :n], attention[i, :n], loss_mask[i, len(p):n] = torch.cat([p, a]), 1, True
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def answer_cross_entropy(adapter, batch: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(batch,) summed cross-entropy of the answer tokens; the unembedding runs at answer positions only."""
+    hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      pixel_values=pixel_values).last_hidden_state
+    predicts = batch["loss_mask"][:, 1:]
+    logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
+    token_ce = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")
+    rows = predicts.nonzero()[:, 0]
+    return torch.zeros(len(predicts), device=token_ce.device).index_add_(0, rows, token_ce)
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def invert(model, processor, prompt, target_text, stats=None, config: InversionConfig | None = None,
+           ) -> InversionResult:
+    """Optimise images so that the frozen VLM answers `prompt` with `target_text` (str, or lists for a batch).
+
+    `stats` are concept statistics (`concept_stats`), one dict or one per target; required when
+    `config.feature > 0`. The model's weights are frozen for the run (no weight gradient is ever allocated)
+    and their `requires_grad` flags restored afterwards.
+    """
+    config = config or InversionConfig()
+    adapter = models.adapter_for(model, processor)
+    prompts, targets = _check_text(prompt, target_text, adapter)
+    n = len(targets)
+    if config.feature > 0:
+        if stats is None:
+            raise ValueError("feature alignment needs concept statistics: pass stats=concept_stats(adapter, colour, "
+                             "shape), or set config.feature = 0")
+        stats_list = [stats] * n if isinstance(stats, dict) else list(stats)
+        stats = {k: torch.stack([s[k] for s in stats_list]) for k in ("mean", "var")}
+    device, dtype = adapter.device, next(model.parameters()).dtype
+    batch = {k: v.to(device) for k, v in teacher_forced_batch(adapter, prompts, targets).items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.seed)
+    size = adapter.image_size
+    pixels = (0.5 + config.init_std * torch.randn(n, 3, size, size, generator=generator)).clamp(0, 1)
+    pixels = pixels.to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([pixels], lr=config.lr, betas=config.betas)
+    history = []
+    try:
+        for step in tqdm(range(config.steps), desc="inverting", disable=not config.progress):
+            lr = config.lr * _cosine(step, config.steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
+            view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
+            if config.flip and torch.rand(1, generator=generator) < 0.5:
+                view = view.flip(3)
+            pixel_values = normalize_pixels(adapter, view).to(dtype)
+            terms = {}
+            if config.ce > 0:
+                terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, pixel_values).mean()
+            if config.feature > 0:
+                terms["feature"] = config.feature * feature_loss(_vision_states(adapter, pixel_values), stats)
+            if config.patch > 0:
+                terms["patch"] = config.patch * patch_boundary_loss(pixels, adapter.patch_size)
+            if config.tv_l1 > 0:
+                terms["tv_l1"] = config.tv_l1 * tv_l1(pixels)
+            if config.tv_l2 > 0:
+                terms["tv_l2"] = config.tv_l2 * tv_l2(pixels)
+            if config.l2 > 0:
+                terms["l2"] = config.l2 * l2_prior(pixels)
+            total = sum(terms.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)
+            history.append({"step": step, "total": total.item(), "lr": lr, **{k: v.item() for k, v in terms.items()}})
+        with torch.no_grad():
+            ce = answer_cross_entropy(adapter, batch, normalize_pixels(adapter, pixels).to(dtype))
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    arrays = (pixels.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return InversionResult([Image.fromarray(a) for a in arrays], pd.DataFrame(history),
+                           torch.exp(-ce).tolist(), config)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def concept_target(color: str, shape: str) -> str:
+    """The caption a one-object image of the concept gets in the shapes world."""
+    return f"a {color} {shape}"
+
+
+def ablation_grid(model, processor, concepts: list[tuple[str, str]], seeds=(0,), base: InversionConfig | None = None,
+                  ablations: dict[str, dict] | None = None, classifier=None,
+                  prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, dict]:
+    """Invert every concept under every ablation and seed; judge each image with the independent classifier,
+    the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images."""
+    from . import classifier as clf
+    base = base or InversionConfig()
+    ablations = ablations or ABLATIONS
+    adapter = models.adapter_for(model, processor)
+    judge = classifier or clf.load()
+    stats = [concept_stats(adapter, c, s) for c, s in concepts]
+    targets = [concept_target(c, s) for c, s in concepts]
+    rows, images = [], {}
+    for name, overrides in ablations.items():
+        for seed in seeds:
+            config = replace(base, seed=seed, **overrides)
+            result = invert(model, processor, prompt, targets, stats, config)
+            colors, kinds, confidence = clf.predict(judge, clf.to_pixels(result.images))
+            captions = adapter.generate(result.images, [prompt] * len(targets))
+            for i, (color, shape) in enumerate(concepts):
+                images[(name, seed, color, shape)] = result.images[i]
+                rows.append({"ablation": name, "seed": seed, "concept": f"{color} {shape}",
+                             "classifier": f"{colors[i]} {kinds[i]}", "recognised": colors[i] == color and
+                             kinds[i] == shape, "color_right": colors[i] == color, "shape_right": kinds[i] == shape,
+                             "target_probability": result.target_probability[i], "recaption": captions[i],
+                             "recaption_right": captions[i].lower().strip(". ") == targets[i]})
+    return pd.DataFrame(rows), images
+
