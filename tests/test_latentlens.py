@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlminterp_utils import corpus, latentlens as LL, lenses, models
+from vlminterp_utils import corpus, latentlens as LL, lenses, models, shapes
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,14 @@ def test_latent_lens_describes_like_the_other_lenses(index, tiny):
         assert len(out) == 2 and len(out[0]) == 3 and len(out[0][0]) == 4
         assert all(isinstance(w, str) and isinstance(s, float) for w, s in out[1][2])
     assert LL.LatentLens(index).matched_layers(hidden, 0, k=2).shape == (2, 3, 2)
+
+
+def test_latentlens_interprets_more_visual_tokens_than_the_logit_lens_on_most_layers(shapes_llava):
+    """Krojer et al.'s claim on shapes-llava: 16 fixed scenes (seed 0), top-5, the book's corpus and judge."""
+    _, _, adapter = shapes_llava
+    index = LL.cached_index(adapter, corpus.load_corpus(), cap=20)
+    examples = shapes.make_examples(16, 0, "caption")
+    shares = lenses.compare_lenses(adapter, [lenses.LogitLens(adapter), LL.LatentLens(index)], examples, k=5)
+    table = shares.pivot(index="layer", columns="lens", values="share")
+    # "most layers": strictly more than half of the LLM's layers (embeddings output included)
+    assert (table["LatentLens"] > table["LogitLens"]).mean() > 0.5, table

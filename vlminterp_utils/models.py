@@ -281,10 +281,10 @@ def build_shapes_llava(vision_weights: Path | None = None):
     from transformers import (AutoModelForCausalLM, CLIPImageProcessorPil, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     tokenizer = smollm2_tokenizer()
-    gguf = weights.smollm2_gguf()
+    source, kwargs = weights.smollm2_pretrained()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     vision_config = shapes_llava_vision_config()
     if vision_weights is not None:
@@ -321,8 +321,9 @@ def shapes_llava_checkpoint() -> Path:
     if not vision_weights.exists():
         raise FileNotFoundError(f"{vision_weights} is missing: train it with `python -m vlminterp_utils.train` "
                                 "or restore data/ from the repository")
+    source = os.environ.get("VLMINTERP_SMOLLM2", "gguf")  # the LLM's source is part of the assembled model
     key = weights.sha256_of(vision_weights)[:16]
-    target = weights.cache_dir() / f"shapes-llava-{key}"
+    target = weights.cache_dir() / f"shapes-llava-{source}-{key}"
     if (target / "config.json").exists():
         return target
     model, processor = build_shapes_llava(vision_weights)
@@ -340,10 +341,10 @@ def shapes_llava_checkpoint() -> Path:
 def smollm2_tokenizer():
     """SmolLM2's tokenizer with the `<image>` token and the book's chat template."""
     from transformers import AutoTokenizer
-    gguf = weights.smollm2_gguf()
+    source, kwargs = weights.smollm2_pretrained()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

