@@ -185,6 +185,12 @@ def train(args) -> dict:
     model.requires_grad_(False)
     ckpt = Path(args.out) / "checkpoint.safetensors"
     started = time.time()
+    if args.init and not ckpt.exists():  # continue from shipped weights (a fresh optimiser, no warm-up stage)
+        unexpected = model.load_state_dict(load_file(args.init), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{args.init} does not fit shapes-llava (unexpected weights {unexpected[:3]})")
+        args.pretrain_steps = 0
+        print(f"starting from {args.init}")
     if not ckpt.exists() and args.pretrain_steps:
         adapter.vision_tower.requires_grad_(True)
         pretrain_vision(adapter, args.pretrain_steps, seed=args.seed)
@@ -240,6 +246,9 @@ def main(argv=None):
     parser.add_argument("--eval-n", type=int, default=20, help="held-out examples per question type")
     parser.add_argument("--ckpt-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
+    parser.add_argument("--init", default=None,
+                        help="start stage 2 from these vision/projector weights (e.g. data/shapes_llava/"
+                             "vision_projector.safetensors), skipping stage 1; use another --seed for new data")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
