@@ -30,16 +30,21 @@ CONCEPT_SEED = 40_000
 
 @dataclass
 class InversionConfig:
-    """Every weight and knob of one inversion. A weight of 0 switches its term off."""
+    """Every weight and knob of one inversion. A weight of 0 switches its term off.
+
+    The prior weights were chosen by eye on shapes-llava: with TV-L2 2, patch 1 and L2 0.05 the images stayed
+    high-frequency noise with visible patch seams; these remove most of both while the target's probability still
+    reaches about 0.5 to 0.8 in 60 steps.
+    """
 
     steps: int = 200
     lr: float = 0.05
     ce: float = 1.0
     feature: float = 1.0
-    patch: float = 1.0
+    patch: float = 30.0
     tv_l1: float = 0.0
-    tv_l2: float = 2.0
-    l2: float = 0.05
+    tv_l2: float = 100.0
+    l2: float = 1.0
     jitter: int = 2  # pixels, each direction
     flip: bool = False
     init_std: float = 0.05  # around mid-gray
@@ -120,9 +125,8 @@ def patch_boundary_loss(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Mean squared difference between pixels on either side of every patch boundary."""
     cols = torch.arange(patch_size, pixels.shape[-1], patch_size, device=pixels.device)
     rows = torch.arange(patch_size, pixels.shape[-2], patch_size, device=pixels.device)
-    across_cols = pixels[..., :, cols] - pixels[..., :, cols - 1]
-    across_rows = pixels[..., rows, :] - pixels[..., rows - 1, :]
-    return (across_cols ** 2).mean() + (across_rows ** 2).mean()
+    across = [pixels[..., :, cols] - pixels[..., :, cols - 1], pixels[..., rows, :] - pixels[..., rows - 1, :]]
+    return sum(((d ** 2).mean() for d in across if d.numel()), pixels.new_zeros(()))  # no boundary: 0, not NaN
 
 
 def _neighbour_differences(pixels: torch.Tensor) -> list[torch.Tensor]:
