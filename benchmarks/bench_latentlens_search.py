@@ -4,7 +4,7 @@ A synthetic bank of unit vectors of SmolLM2's width (576) stands in for a large 
 corpus in Colab reaches 10^5-10^6 entries per layer); queries are 4,096 visual tokens (64 images of 64 tokens).
 Also reports HNSW's recall@5 against the exact search, and the bank's memory in fp16 (how the index stores it).
 
-Run: python benchmarks/bench_latentlens_search.py [--entries 200000]
+Run: python benchmarks/bench_latentlens_search.py [--entries 50000]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def timed(fn, repeat: int = 3) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--entries", type=int, default=200_000)
+    parser.add_argument("--entries", type=int, default=50_000)
     parser.add_argument("--queries", type=int, default=4096)
     args = parser.parse_args()
     torch.manual_seed(0)
