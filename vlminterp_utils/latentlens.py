@@ -74,6 +74,8 @@ class ContextualIndex:
             vectors = self.embeddings[layer].float().numpy()
             if self.approximate:
                 index = faiss.IndexHNSWFlat(self.hidden_size, 32, faiss.METRIC_INNER_PRODUCT)
+                # faiss's default efSearch (16) gave recall@5 of 0.06 on a 50k bank (benchmarks/README.md)
+                index.hnsw.efSearch = 128
             else:
                 index = faiss.IndexFlatIP(self.hidden_size)
             index.add(vectors)
