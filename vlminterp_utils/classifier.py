@@ -44,8 +44,9 @@ class ShapeClassifier(nn.Module):
         return self.color(h), self.shape(h)
 
 
-def to_pixels(images, size: int = 64) -> torch.Tensor:
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 for im in images]
+def to_pixels(images, size: int = 64, resample=Image.BILINEAR) -> torch.Tensor:
+    """PIL images as (batch, 3, size, size) floats in [0, 1]."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), resample), np.float32) / 255 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 

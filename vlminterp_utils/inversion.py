@@ -23,7 +23,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import classifier as clf
 from . import models, shapes, weights
+from .train import answer_token_losses
 
 CONCEPT_SEED = 40_000
 
@@ -86,8 +88,7 @@ def normalize_pixels(adapter, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def to_pixels(images, size: int) -> torch.Tensor:
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255 for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return clf.to_pixels(images, size, Image.BICUBIC)
 
 
 @torch.no_grad()
@@ -199,14 +200,9 @@ def teacher_forced_batch(adapter, prompts: list[str], targets: list[str]) -> dic
 
 
 def answer_cross_entropy(adapter, batch: dict, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(batch,) summed cross-entropy of the answer tokens; the unembedding runs at answer positions only."""
-    hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      pixel_values=pixel_values).last_hidden_state
-    predicts = batch["loss_mask"][:, 1:]
-    logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
-    token_ce = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")
-    rows = predicts.nonzero()[:, 0]
-    return torch.zeros(len(predicts), device=token_ce.device).index_add_(0, rows, token_ce)
+    """(batch,) summed cross-entropy of each row's answer tokens."""
+    losses, rows = answer_token_losses(adapter, batch, pixel_values)
+    return torch.zeros(len(batch["input_ids"]), device=losses.device).index_add_(0, rows, losses)
 
 
 def _cosine(step: int, total: int) -> float:
@@ -293,7 +289,6 @@ def ablation_grid(model, processor, concepts: list[tuple[str, str]], seeds=(0,),
                   prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, dict]:
     """Invert every concept under every ablation and seed; judge each image with the independent classifier,
     the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images."""
-    from . import classifier as clf
     base = base or InversionConfig()
     ablations = ablations or ABLATIONS
     adapter = models.adapter_for(model, processor)

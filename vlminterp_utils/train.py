@@ -121,13 +121,21 @@ def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED, max_
     return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels, "loss_mask": loss_mask}
 
 
-def answer_loss(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy on answer tokens only; the unembedding runs at those positions alone (it is 49k wide)."""
+def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
+                        pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every answer token, and the batch row of each; the unembedding runs at answer positions
+    alone (it is 49k wide)."""
     hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      pixel_values=batch["pixel_values"]).last_hidden_state
+                                      pixel_values=pixel_values).last_hidden_state
     predicts = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
-    logits = adapter.unembedding(hidden[:, :-1][predicts])
-    return F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts])
+    logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
+    losses = F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")
+    return losses, predicts.nonzero()[:, 0]
+
+
+def answer_loss(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of the batch."""
+    return answer_token_losses(adapter, batch, batch["pixel_values"])[0].mean()
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
