@@ -41,13 +41,37 @@ def accuracy_by_type(adapter, sets: dict[str, list[shapes.Example]], batch_size:
     return {q: sum(v) / len(v) for q, v in correct.items()}, records
 
 
+def training_runs(meta: dict) -> list[dict]:
+    """The chain of training runs behind the shipped weights, oldest first (`--init` records what it continued)."""
+    runs = []
+    while meta:
+        runs.append(meta)
+        meta = meta.get("continued_from")
+    return runs[::-1]
+
+
+def wall_hours(history: list[dict]) -> float:
+    """Hours of one run; the clock may restart at a resume (older runs), so add up the segments."""
+    elapsed = [r["elapsed_s"] for r in history]
+    return (sum(a for a, b in zip(elapsed, elapsed[1:]) if b < a) + elapsed[-1]) / 3600 if elapsed else 0.0
+
+
+def _continued_run(run: dict) -> str:
+    mix = ("the QA-heavy mix throughout" if run.get("qa_from", 0) == 0
+           else f"the QA-heavy mix from step {run['qa_from']}")
+    return (f"**Continued training** (`--init`, seed {run.get('seed')}: new scenes), {run['steps']} more steps at "
+            f"batch {run['batch_size']}, {mix}, AdamW (vision {run.get('lr_vision', 3e-4):g}, projector "
+            f"{run.get('lr_projector', 1e-3):g}) with a fresh warm-up and cosine decay, "
+            f"{wall_hours(run['history']):.2f} h.")
+
+
 def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict]) -> str:
     """The shapes-llava model card, filled with the training metadata and the measured held-out scores."""
-    history = meta["history"]
-    # wall time: the clock may restart at a resume (older runs), so add up the segments
-    elapsed = [r["elapsed_s"] for r in history]
-    hours = (sum(a for a, b in zip(elapsed, elapsed[1:]) if b < a) + elapsed[-1]) / 3600 if elapsed else float("nan")
+    runs = training_runs(meta)
+    first, history = runs[0], meta["history"]
+    hours = sum(wall_hours(r["history"]) for r in runs)
     final_loss = sum(r["loss"] for r in history[-50:]) / max(len(history[-50:]), 1)
+    later = "".join(f"{i}. {_continued_run(r)}\n" for i, r in enumerate(runs[1:], start=3))
     vc = meta["vision_config"]
     row = lambda q, bar: f"| {q} | {accuracy[q]:.1%} | {bar} |"  # noqa: E731
     return f"""# shapes-llava
@@ -67,17 +91,18 @@ A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default
 ## Training recipe
 `python -m vlminterp_utils.train` (fp32, 2 CPU cores), on freshly sampled shapes-world scenes (1 to 3 objects,
 3 shapes x 5 colours, 64 px):
-1. **Vision warm-up**, {meta['pretrain_steps']} steps at batch 64: the ViT's mean-pooled tokens predict colour, shape
+1. **Vision warm-up**, {first['pretrain_steps']} steps at batch 64: the ViT's mean-pooled tokens predict colour, shape
    and quadrant of each object slot, left to right (no LLM involved). This says nothing about where in the grid
    information should live.
-2. **LLaVA training**, {meta['steps']} steps at batch {meta['batch_size']}: answer-token cross-entropy through the
+2. **LLaVA training**, {first['steps']} steps at batch {first['batch_size']}: answer-token cross-entropy through the
    frozen LLM on multi-turn conversations about one image (1 to 4 turns of caption, polling and VQA questions),
-   AdamW (vision 3e-4, projector 1e-3), warm-up then cosine decay, gradient clipping at 1. The unembedding runs only
-   at answer positions. A curriculum: 30% of turns are captions until step {meta.get('qa_from', 0)}, then 10%, the
-   rest polling and VQA: captions were learned early, while questions that bind a word to one object (polling,
-   "what colour is the circle?") stayed near their step-200 accuracy through step 600 (20 questions per type).
-   They improved after the switch, mostly late, as the learning rate decayed; this run cannot separate the two.
-
+   AdamW (vision {first.get('lr_vision', 3e-4):g}, projector {first.get('lr_projector', 1e-3):g}), warm-up then
+   cosine decay, gradient clipping at 1. The unembedding runs only at answer positions. A curriculum: 30% of turns
+   are captions until step {first.get('qa_from', 0)}, then 10%, the rest polling and VQA: captions were learned
+   early, while questions that bind a word to one object (polling, "what colour is the circle?") stayed near their
+   step-200 accuracy through step 600 (20 questions per type). They improved after the switch, mostly late, as the
+   learning rate decayed; this run cannot separate the two.
+{later}
 Wall time: {hours:.2f} h in all on 2 CPU cores (shared with other work). Mean training loss over the last 50 steps:
 {final_loss:.3f}.
 

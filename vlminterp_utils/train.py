@@ -236,9 +236,19 @@ def train(args) -> dict:
             save_checkpoint(ckpt, model, optimizer, step + 1, history)
     model.eval()
     meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
-            "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "history": history}
+            "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
+            "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "history": history,
+            "continued_from": _init_meta(args.init)}
     save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
     return meta
+
+
+def _init_meta(init: str | None) -> dict | None:
+    """The training record of the weights a run continued from, so the model card can tell the whole story."""
+    side = Path(init).with_suffix(".json") if init else None
+    if side is None or not side.exists():
+        return None
+    return {"path": str(init), **json.loads(side.read_text())}
 
 
 def main(argv=None):

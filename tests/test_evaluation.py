@@ -1,0 +1,30 @@
+"""The model card tells the whole training story, including runs that continued from shipped weights."""
+from vlminterp_utils import evaluation
+
+VISION = {"image_size": 64, "patch_size": 8, "num_hidden_layers": 6, "hidden_size": 192}
+
+
+def _run(steps, hours, **extra):
+    history = [{"step": i + 1, "loss": 0.5, "elapsed_s": hours * 3600 * (i + 1) / steps} for i in range(steps)]
+    return {"vision_config": VISION, "steps": steps, "batch_size": 8, "pretrain_steps": 0, "history": history,
+            **extra}
+
+
+def test_model_card_adds_up_a_chain_of_runs():
+    first = _run(10, 1.0, pretrain_steps=1000, qa_from=7)
+    second = _run(4, 0.5, seed=1, qa_from=0, lr_vision=2e-4, lr_projector=6e-4, continued_from=first)
+    assert [r["steps"] for r in evaluation.training_runs(second)] == [10, 4]
+    accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.9, "vqa_shape": 0.97, "vqa_position": 0.8}
+    records = [{"qtype": "vqa_color", "question": "What colour is the circle?", "answer": "red",
+                "prediction": "blue", "correct": False}]
+    card = evaluation.model_card(second, accuracy, 100, records)
+    assert "Vision warm-up**, 1000 steps" in card and "LLaVA training**, 10 steps" in card
+    assert "3. **Continued training** (`--init`, seed 1: new scenes), 4 more steps" in card
+    assert "Wall time: 1.50 h in all" in card  # both runs counted
+    assert "vqa_color is below the bar" in card and "-> *blue* (truth: red)" in card
+
+
+def test_a_resumed_run_counts_every_clock_segment():
+    # a resume that restarted the clock: 0.5 h, then a new segment of 0.25 h
+    history = [{"elapsed_s": 900.0}, {"elapsed_s": 1800.0}, {"elapsed_s": 300.0}, {"elapsed_s": 900.0}]
+    assert abs(evaluation.wall_hours(history) - 0.75) < 1e-9
