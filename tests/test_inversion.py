@@ -69,19 +69,35 @@ def test_bad_prompts_and_targets_get_clear_errors(tiny):
 def test_classifier_ships_with_its_accuracy_and_names_rendered_objects():
     model = clf.load()
     accuracy = clf.accuracy(model, n=200)
-    assert accuracy["both"] >= 0.95  # the shipped model card states its held-out accuracy; this re-measures it
+    assert accuracy["both"] >= 0.95  # the shipped metadata states its held-out accuracy; this re-measures it
 
 
-@pytest.mark.xfail(strict=False, reason="not reproduced yet on shapes-llava: at 60 steps the classifier recognised "
-                   "0 of 6 inversions with all terms and 0 of 6 with CE alone (both converge to green-tinted "
-                   "textures that still reach the target answer); see issue 6")
+def test_classifier_still_names_blurred_noisy_renders():
+    """Inverted images are never crisp: the judge must hold up on degraded real renders (held out, seed fixed).
+    Trained on clean renders only, it fell to 50% shape accuracy at blur 1.5 and 28% colour with noise 0.05."""
+    sigma, noise = clf.DEGRADED
+    accuracy = clf.accuracy(clf.load(), n=200, sigma=sigma, noise=noise)
+    assert accuracy["both"] >= 0.95  # measured 100% on 500; 0.95 leaves room for a retrained judge
+
+
+def test_gaussian_blur_keeps_flat_images_and_mass():
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(clf.gaussian_blur(flat, 2.0), flat)
+    dot = torch.zeros(1, 3, 33, 33)
+    dot[..., 16, 16] = 1
+    blurred = clf.gaussian_blur(dot, 1.5)
+    assert torch.allclose(blurred.sum((2, 3)), torch.ones(1, 3), atol=1e-5) and blurred[..., 16, 16].max() < 0.2
+
+
 def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llava):
-    """MIMIC's point, on shapes-llava: 6 concepts, seed 0, 60 steps each. The independent classifier names the
-    target in more of the full-recipe inversions than of the CE-only ones."""
+    """MIMIC's point, on shapes-llava: 6 concepts, seed 0, 150 steps each (about 5 minutes on 2 CPU cores). The
+    independent classifier names the target in more of the full-recipe inversions than of the CE-only ones.
+    Measured: 3 of 6 with all terms, 0 of 6 with CE alone (noise textures that still reach the target answer), so
+    a strict "more" leaves a margin of 3 inversions. At 60 to 80 steps neither recipe had converged (0 vs 0)."""
     model, processor, _ = shapes_llava
     concepts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square"),
                 ("purple", "circle"), ("red", "triangle")]
-    table, _ = V.ablation_grid(model, processor, concepts, seeds=(0,), base=V.InversionConfig(steps=60,
+    table, _ = V.ablation_grid(model, processor, concepts, seeds=(0,), base=V.InversionConfig(steps=150,
                                progress=False), ablations={k: V.ABLATIONS[k] for k in ("CE only", "all")})
     recognised = table.groupby("ablation").recognised.sum()
     assert recognised["all"] > recognised["CE only"], table
