@@ -100,4 +100,5 @@ def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llav
     table, _ = V.ablation_grid(model, processor, concepts, seeds=(0,), base=V.InversionConfig(steps=150,
                                progress=False), ablations={k: V.ABLATIONS[k] for k in ("CE only", "all")})
     recognised = table.groupby("ablation").recognised.sum()
+    print("recognised of 6:", recognised.to_dict())
     assert recognised["all"] > recognised["CE only"], table

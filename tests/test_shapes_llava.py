@@ -21,8 +21,8 @@ def test_shapes_llava_answers_held_out_questions(shapes_llava):
     """The first 40 held-out questions of each type, greedy (the model card reports 100 per type).
 
     Captions meet the book's bar (>= 90%). Polling and VQA do not yet meet theirs (>= 95%): the shipped weights
-    measured 82.5% / 77.5% / 95% on this set, so these assertions are regression floors, about 7 to 10 points under
-    the measurement to absorb float differences between machines; raise them to the bar once the model meets it.
+    measured 87.5% / 90% / 92.5% on this set, so these assertions are regression floors, about 7 points under the
+    measurement to absorb float differences between machines; raise them to the bar once the model meets it.
     """
     _, _, adapter = shapes_llava
     sets = evaluation.held_out_set(40)
@@ -30,8 +30,8 @@ def test_shapes_llava_answers_held_out_questions(shapes_llava):
     accuracy, records = evaluation.accuracy_by_type(adapter, sets, progress=False)
     wrong = [r for r in records if not r["correct"]][:5]
     assert accuracy["caption"] >= 0.90, (accuracy, wrong)  # the bar
-    assert accuracy["polling"] >= 0.75, (accuracy, wrong)  # regression floor
-    assert accuracy["vqa_color"] >= 0.70, (accuracy, wrong)  # regression floor
+    assert accuracy["polling"] >= 0.80, (accuracy, wrong)  # regression floor
+    assert accuracy["vqa_color"] >= 0.83, (accuracy, wrong)  # regression floor
     assert accuracy["vqa_shape"] >= 0.85, (accuracy, wrong)  # regression floor
 
 
