@@ -37,7 +37,7 @@ class InversionConfig:
     The prior weights were chosen by eye on shapes-llava: with TV-L2 2, patch 1 and L2 0.05 the images stayed
     high-frequency noise with visible patch seams; these remove most of both while the target's probability still
     reaches about 0.9 or more. 150 steps: at 60 to 80 the feature term has not converged and no image is
-    recognisable; at 150 half of them are (chapter 3).
+    recognisable; at 150, half to three quarters of them are (chapter 3).
     """
 
     steps: int = 150
