@@ -21,7 +21,19 @@ def test_model_card_adds_up_a_chain_of_runs():
     assert "Vision warm-up**, 1000 steps" in card and "LLaVA training**, 10 steps" in card
     assert "3. **Continued training** (`--init`, seed 1: new scenes), 4 more steps" in card
     assert "Wall time: 1.50 h in all" in card  # both runs counted
+    assert "1 to 4 turns per image" in card and "averaged per answer token" in card
     assert "vqa_color is below the bar" in card and "-> *blue* (truth: red)" in card
+
+
+def test_model_card_tells_how_a_later_run_weighed_its_loss():
+    first = _run(10, 1.0, pretrain_steps=1000, qa_from=7)
+    second = _run(4, 0.5, seed=1, qa_from=0, continued_from=first)
+    third = _run(6, 0.5, seed=2, qa_from=0, max_turns=6, loss_per="answer", continued_from=second)
+    accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.96, "vqa_shape": 0.97, "vqa_position": 0.8}
+    card = evaluation.model_card(third, accuracy, 100, [])
+    assert "4. **Continued training** (`--init`, seed 2: new scenes), 6 more steps" in card
+    assert "1 to 6 turns per image" in card and "averaged per answer, so a one-word" in card
+    assert "Wall time: 2.00 h in all" in card and "Every question type meets its bar." in card
 
 
 def test_a_resumed_run_counts_every_clock_segment():

@@ -37,7 +37,8 @@ def test_shapes_llava_answers_held_out_questions(shapes_llava):
 
 def test_two_training_steps_run_and_stay_finite(tmp_path):
     meta = train.main(["--out", str(tmp_path), "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2",
-                       "--eval-every", "2", "--eval-n", "1", "--ckpt-every", "1"])
+                       "--eval-every", "2", "--eval-n", "1", "--ckpt-every", "1", "--loss-per", "answer",
+                       "--max-turns", "6"])
     losses = [r["loss"] for r in meta["history"]]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     saved = load_file(str(tmp_path / "vision_projector.safetensors"))
@@ -47,6 +48,14 @@ def test_two_training_steps_run_and_stay_finite(tmp_path):
     # the checkpoint resumes: asking for the same number of steps does no more work
     again = train.main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-n", "1"])
     assert len(again["history"]) == 2
+
+
+def test_per_answer_loss_weighs_a_short_answer_like_a_long_one():
+    # row 0: a three-token answer then a one-token answer; row 1: one two-token answer (positions 1.. carry loss)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    losses = torch.tensor([3.0, 3.0, 3.0, 0.0, 1.0, 2.0])
+    assert train.mean_per_answer(losses, mask).item() == (3.0 + 0.0 + 1.5) / 3
+    assert losses.mean().item() == 2.0  # per token, the long answer dominates
 
 
 def test_trained_weights_assemble_into_the_cached_checkpoint(tmp_path):

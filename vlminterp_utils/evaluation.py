@@ -59,10 +59,12 @@ def wall_hours(history: list[dict]) -> float:
 def _continued_run(run: dict) -> str:
     mix = ("the QA-heavy mix throughout" if run.get("qa_from", 0) == 0
            else f"the QA-heavy mix from step {run['qa_from']}")
+    loss = ("the loss averaged per answer, so a one-word answer weighs as much as a caption"
+            if run.get("loss_per") == "answer" else "the loss averaged per answer token")
     return (f"**Continued training** (`--init`, seed {run.get('seed')}: new scenes), {run['steps']} more steps at "
-            f"batch {run['batch_size']}, {mix}, AdamW (vision {run.get('lr_vision', 3e-4):g}, projector "
-            f"{run.get('lr_projector', 1e-3):g}) with a fresh warm-up and cosine decay, "
-            f"{wall_hours(run['history']):.2f} h.")
+            f"batch {run['batch_size']}, 1 to {run.get('max_turns', 4)} turns per image, {mix}, {loss}, AdamW "
+            f"(vision {run.get('lr_vision', 3e-4):g}, projector {run.get('lr_projector', 1e-3):g}) with a fresh "
+            f"warm-up and cosine decay, {wall_hours(run['history']):.2f} h.")
 
 
 def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict]) -> str:
@@ -95,7 +97,7 @@ A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default
    and quadrant of each object slot, left to right (no LLM involved). This says nothing about where in the grid
    information should live.
 2. **LLaVA training**, {first['steps']} steps at batch {first['batch_size']}: answer-token cross-entropy through the
-   frozen LLM on multi-turn conversations about one image (1 to 4 turns of caption, polling and VQA questions),
+   frozen LLM on multi-turn conversations about one image (1 to {first.get('max_turns', 4)} turns of caption, polling and VQA questions),
    AdamW (vision {first.get('lr_vision', 3e-4):g}, projector {first.get('lr_projector', 1e-3):g}), warm-up then
    cosine decay, gradient clipping at 1. The unembedding runs only at answer positions. A curriculum: 30% of turns
    are captions until step {first.get('qa_from', 0)}, then 10%, the rest polling and VQA: captions were learned

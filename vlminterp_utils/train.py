@@ -11,6 +11,7 @@ Checkpoints (safetensors + JSON, no pickle) allow resuming; the final weights go
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -133,9 +134,25 @@ def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
     return losses, predicts.nonzero()[:, 0]
 
 
-def answer_loss(adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of the batch."""
-    return answer_token_losses(adapter, batch, batch["pixel_values"])[0].mean()
+def mean_per_answer(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over answers of each answer's mean token loss; answers are the runs of True in `loss_mask`, and
+    `losses` holds one value per answer token, in the order of `loss_mask[:, 1:]` (as `answer_token_losses`)."""
+    predicts = loss_mask[:, 1:]
+    starts = predicts & ~F.pad(predicts[:, :-1], (1, 0), value=False)
+    answer = (starts.flatten().cumsum(0) - 1)[predicts.flatten()]
+    n = int(starts.sum())
+    sums = torch.zeros(n, dtype=losses.dtype).index_add(0, answer, losses)
+    counts = torch.zeros(n, dtype=losses.dtype).index_add(0, answer, torch.ones_like(losses))
+    return (sums / counts).mean()
+
+
+def answer_loss(adapter, batch: dict[str, torch.Tensor], per: str = "token") -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of the batch (`per="token"`), or over answers (`per="answer"`),
+    so that a one-word "yes" weighs as much as a ten-token caption."""
+    if per not in ("token", "answer"):
+        raise ValueError(f"per must be 'token' or 'answer', not {per!r}")
+    losses, _ = answer_token_losses(adapter, batch, batch["pixel_values"])
+    return losses.mean() if per == "token" else mean_per_answer(losses, batch["loss_mask"])
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -218,7 +235,8 @@ def train(args) -> dict:
     for step in bar:
         model.train()
         mix = QA_WEIGHTS if step >= args.qa_from else QTYPE_WEIGHTS
-        loss = answer_loss(adapter, make_batch(adapter, step, args.batch_size, args.seed, weights=mix))
+        batch = make_batch(adapter, step, args.batch_size, args.seed, args.max_turns, weights=mix)
+        loss = answer_loss(adapter, batch, per=args.loss_per)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -237,7 +255,8 @@ def train(args) -> dict:
     model.eval()
     meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
             "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
-            "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "history": history,
+            "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "max_turns": args.max_turns,
+            "loss_per": args.loss_per, "history": history,
             "continued_from": _init_meta(args.init)}
     save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
     return meta
@@ -248,7 +267,8 @@ def _init_meta(init: str | None) -> dict | None:
     side = Path(init).with_suffix(".json") if init else None
     if side is None or not side.exists():
         return None
-    return {"path": str(init), **json.loads(side.read_text())}
+    digest = hashlib.sha256(Path(init).read_bytes()).hexdigest()  # the path may be a temp copy; the hash is not
+    return {"path": str(init), "sha256": digest, **json.loads(side.read_text())}
 
 
 def main(argv=None):
@@ -263,6 +283,9 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-n", type=int, default=20, help="held-out examples per question type")
     parser.add_argument("--ckpt-every", type=int, default=50)
+    parser.add_argument("--max-turns", type=int, default=4, help="turns per conversation: 1 to this many")
+    parser.add_argument("--loss-per", choices=["token", "answer"], default="token",
+                        help="average the cross-entropy over answer tokens, or over answers (short answers weigh more)")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
     parser.add_argument("--init", default=None,
                         help="start stage 2 from these vision/projector weights (e.g. data/shapes_llava/"
