@@ -30,6 +30,10 @@ def test_model_card_tells_how_a_later_run_weighed_its_loss():
     second = _run(4, 0.5, seed=1, qa_from=0, continued_from=first)
     third = _run(6, 0.5, seed=2, qa_from=0, max_turns=6, loss_per="answer", continued_from=second)
     accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.96, "vqa_shape": 0.97, "vqa_position": 0.8}
+    records = [{"qtype": "polling", "question": "Is there a red circle?", "answer": a, "prediction": b,
+                "correct": False} for a, b in [("no", "yes"), ("no", "Yes."), ("yes", "no")]]
+    card = evaluation.model_card(third, dict(accuracy, polling=0.9), 100, records)
+    assert 'Of the 3 polling errors, 2 are a false "yes"' in card
     card = evaluation.model_card(third, accuracy, 100, [])
     assert "4. **Continued training** (`--init`, seed 2: new scenes), 6 more steps" in card
     assert "1 to 6 turns per image" in card and "averaged per answer, so a one-word" in card
