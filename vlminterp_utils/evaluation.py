@@ -133,14 +133,16 @@ says about an image flows through the projector's visual tokens, which is what t
 def _shortfall(accuracy: dict[str, float], records: list[dict]) -> str:
     bars = {"caption": 0.90, "polling": 0.95, "vqa_color": 0.95, "vqa_shape": 0.95}
     missed = [q for q, bar in bars.items() if accuracy[q] < bar]
-    lines = ["Every question type meets its bar." if not missed else
-             f"{', '.join(missed)} {'is' if len(missed) == 1 else 'are'} below the bar. More steps (`--init` "
-             "continues from these weights) are the next thing to try. Examples of held-out errors:", ""]
+    if not missed:
+        return "Every question type meets its bar."
+    first = (f"{', '.join(missed)} {'is' if len(missed) == 1 else 'are'} below the bar. More steps (`--init` "
+             "continues from these weights) are the next thing to try.")
     polling = [r for r in records if r["qtype"] == "polling" and not r["correct"]]
     if "polling" in missed and polling:
         false_yes = sum(normalize(r["prediction"]) == "yes" for r in polling)
-        lines[0] += (f" Of the {len(polling)} polling errors, {false_yes} are a false \"yes\" about an absent object "
-                     f"and {len(polling) - false_yes} a false \"no\" or another answer.")
+        first += (f" Of the {len(polling)} polling errors, {false_yes} are a false \"yes\" about an absent object "
+                  f"and {len(polling) - false_yes} a false \"no\" or another answer.")
+    lines = [first + " Examples of held-out errors:", ""]
     for qtype in accuracy:
         for r in [r for r in records if r["qtype"] == qtype and not r["correct"]][:3]:
             lines.append(f"- {r['question']} -> *{r['prediction']}* (truth: {r['answer']})")
