@@ -28,7 +28,8 @@ def test_model_card_adds_up_a_chain_of_runs():
 def test_model_card_tells_how_a_later_run_weighed_its_loss():
     first = _run(10, 1.0, pretrain_steps=1000, qa_from=7)
     second = _run(4, 0.5, seed=1, qa_from=0, continued_from=first)
-    third = _run(6, 0.5, seed=2, qa_from=0, max_turns=6, loss_per="answer", continued_from=second)
+    third = _run(6, 0.5, seed=2, qa_from=0, max_turns=6, loss_per="answer", continued_from=second,
+                 mix={"polling": 0.75, "caption": 0.25})
     accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.96, "vqa_shape": 0.97, "vqa_position": 0.8}
     records = [{"qtype": "polling", "question": "Is there a red circle?", "answer": a, "prediction": b,
                 "correct": False} for a, b in [("no", "yes"), ("no", "Yes."), ("yes", "no")]]
@@ -37,6 +38,7 @@ def test_model_card_tells_how_a_later_run_weighed_its_loss():
     card = evaluation.model_card(third, accuracy, 100, [])
     assert "4. **Continued training** (`--init`, seed 2: new scenes), 6 more steps" in card
     assert "1 to 6 turns per image" in card and "averaged per answer, so a one-word" in card
+    assert "a mix of polling 75%, caption 25% throughout" in card
     assert "Wall time: 2.00 h in all" in card and "Every question type meets its bar." in card
 
 

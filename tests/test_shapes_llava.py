@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,13 +40,14 @@ def test_shapes_llava_answers_held_out_questions(shapes_llava):
 def test_two_training_steps_run_and_stay_finite(tmp_path):
     meta = train.main(["--out", str(tmp_path), "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2",
                        "--eval-every", "2", "--eval-n", "1", "--ckpt-every", "1", "--loss-per", "answer",
-                       "--max-turns", "6"])
+                       "--max-turns", "6", "--qa-from", "1", "--mix", "polling=1,caption=1"])
     losses = [r["loss"] for r in meta["history"]]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     saved = load_file(str(tmp_path / "vision_projector.safetensors"))
     assert saved and all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in saved)
     assert all(torch.isfinite(v).all() for v in saved.values())
-    assert json.loads((tmp_path / "vision_projector.json").read_text())["steps"] == 2
+    saved_meta = json.loads((tmp_path / "vision_projector.json").read_text())
+    assert saved_meta["steps"] == 2 and saved_meta["mix"] == {"polling": 0.5, "caption": 0.5}
     # the checkpoint resumes: asking for the same number of steps does no more work
     again = train.main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-n", "1"])
     assert len(again["history"]) == 2
@@ -57,6 +59,14 @@ def test_per_answer_loss_weighs_a_short_answer_like_a_long_one():
     losses = torch.tensor([3.0, 3.0, 3.0, 0.0, 1.0, 2.0])
     assert train.mean_per_answer(losses, mask).item() == (3.0 + 0.0 + 1.5) / 3
     assert losses.mean().item() == 2.0  # per token, the long answer dominates
+
+
+def test_a_question_mix_is_normalised_and_a_typo_is_named():
+    assert train.parse_mix("polling=3,caption=1") == {"polling": 0.75, "caption": 0.25}
+    with pytest.raises(ValueError, match="'pollng=1'.*polling"):
+        train.parse_mix("pollng=1")
+    with pytest.raises(ValueError, match=">= 0"):
+        train.parse_mix("polling=0")
 
 
 def test_trained_weights_assemble_into_the_cached_checkpoint(tmp_path):

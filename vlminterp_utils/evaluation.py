@@ -57,8 +57,9 @@ def wall_hours(history: list[dict]) -> float:
 
 
 def _continued_run(run: dict) -> str:
-    mix = ("the QA-heavy mix throughout" if run.get("qa_from", 0) == 0
-           else f"the QA-heavy mix from step {run['qa_from']}")
+    name = ("a mix of " + ", ".join(f"{q} {w:.0%}" for q, w in run["mix"].items()) if run.get("mix")
+            else "the QA-heavy mix")
+    mix = f"{name} throughout" if run.get("qa_from", 0) == 0 else f"{name} from step {run['qa_from']}"
     loss = ("the loss averaged per answer, so a one-word answer weighs as much as a caption"
             if run.get("loss_per") == "answer" else "the loss averaged per answer token")
     return (f"**Continued training** (`--init`, seed {run.get('seed')}: new scenes), {run['steps']} more steps at "

@@ -234,7 +234,7 @@ def train(args) -> dict:
     bar = tqdm(range(step, args.steps), desc="stage 2: LLaVA training", initial=step, total=args.steps)
     for step in bar:
         model.train()
-        mix = QA_WEIGHTS if step >= args.qa_from else QTYPE_WEIGHTS
+        mix = (parse_mix(args.mix) if args.mix else QA_WEIGHTS) if step >= args.qa_from else QTYPE_WEIGHTS
         batch = make_batch(adapter, step, args.batch_size, args.seed, args.max_turns, weights=mix)
         loss = answer_loss(adapter, batch, per=args.loss_per)
         optimizer.zero_grad()
@@ -256,10 +256,23 @@ def train(args) -> dict:
     meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
             "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
             "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "max_turns": args.max_turns,
-            "loss_per": args.loss_per, "history": history,
+            "loss_per": args.loss_per, "mix": parse_mix(args.mix) if args.mix else QA_WEIGHTS, "history": history,
             "continued_from": _init_meta(args.init)}
     save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
     return meta
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`"polling=0.5,caption=0.1,..."` -> question-type weights summing to 1 (types left out get 0)."""
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in shapes.QUESTION_TYPES or not value:
+            raise ValueError(f"--mix: {part!r} is not type=weight with a type among {', '.join(shapes.QUESTION_TYPES)}")
+        weights[name.strip()] = float(value)
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise ValueError(f"--mix: weights must be >= 0 and not all 0, got {weights}")
+    return {q: w / sum(weights.values()) for q, w in weights.items()}
 
 
 def _init_meta(init: str | None) -> dict | None:
@@ -283,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-n", type=int, default=20, help="held-out examples per question type")
     parser.add_argument("--ckpt-every", type=int, default=50)
+    parser.add_argument("--mix", default=None, help="question-type weights from --qa-from on, e.g. "
+                        "'caption=0.1,polling=0.5,vqa_color=0.15,vqa_shape=0.15,vqa_position=0.1' (default QA_WEIGHTS)")
     parser.add_argument("--max-turns", type=int, default=4, help="turns per conversation: 1 to this many")
     parser.add_argument("--loss-per", choices=["token", "answer"], default="token",
                         help="average the cross-entropy over answer tokens, or over answers (short answers weigh more)")
