@@ -98,8 +98,8 @@ A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default
    and quadrant of each object slot, left to right (no LLM involved). This says nothing about where in the grid
    information should live.
 2. **LLaVA training**, {first['steps']} steps at batch {first['batch_size']}: answer-token cross-entropy through the
-   frozen LLM on multi-turn conversations about one image (1 to {first.get('max_turns', 4)} turns of caption, polling and VQA questions),
-   AdamW (vision {first.get('lr_vision', 3e-4):g}, projector {first.get('lr_projector', 1e-3):g}), warm-up then
+   frozen LLM on multi-turn conversations about one image (1 to {first.get('max_turns', 4)} turns of caption, polling
+   and VQA questions), AdamW (vision {first.get('lr_vision', 3e-4):g}, projector {first.get('lr_projector', 1e-3):g}), warm-up then
    cosine decay, gradient clipping at 1. The unembedding runs only at answer positions. A curriculum: 30% of turns
    are captions until step {first.get('qa_from', 0)}, then 10%, the rest polling and VQA: captions were learned
    early, while questions that bind a word to one object (polling, "what colour is the circle?") stayed near their

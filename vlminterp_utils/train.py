@@ -11,7 +11,6 @@ Checkpoints (safetensors + JSON, no pickle) allow resuming; the final weights go
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import evaluation, models, shapes
+from .weights import sha256_of
 
 QTYPE_WEIGHTS = {"caption": 0.3, "polling": 0.25, "vqa_color": 0.15, "vqa_shape": 0.15, "vqa_position": 0.15}
 # Curriculum: after `--qa-from` steps, questions that bind a word of the question to one object (polling, VQA)
@@ -204,6 +204,7 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
 # ---------------------------------------------------------------------------------------------- main
 
 def train(args) -> dict:
+    qa_mix = parse_mix(args.mix) if args.mix else QA_WEIGHTS  # parsed before any work: a typo fails at once
     torch.manual_seed(args.seed)
     model, processor = models.build_shapes_llava()
     adapter = models.adapter_for(model, processor)
@@ -234,7 +235,7 @@ def train(args) -> dict:
     bar = tqdm(range(step, args.steps), desc="stage 2: LLaVA training", initial=step, total=args.steps)
     for step in bar:
         model.train()
-        mix = (parse_mix(args.mix) if args.mix else QA_WEIGHTS) if step >= args.qa_from else QTYPE_WEIGHTS
+        mix = qa_mix if step >= args.qa_from else QTYPE_WEIGHTS
         batch = make_batch(adapter, step, args.batch_size, args.seed, args.max_turns, weights=mix)
         loss = answer_loss(adapter, batch, per=args.loss_per)
         optimizer.zero_grad()
@@ -256,7 +257,7 @@ def train(args) -> dict:
     meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
             "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
             "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "max_turns": args.max_turns,
-            "loss_per": args.loss_per, "mix": parse_mix(args.mix) if args.mix else QA_WEIGHTS, "history": history,
+            "loss_per": args.loss_per, "mix": qa_mix, "history": history,
             "continued_from": _init_meta(args.init)}
     save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
     return meta
@@ -280,7 +281,7 @@ def _init_meta(init: str | None) -> dict | None:
     side = Path(init).with_suffix(".json") if init else None
     if side is None or not side.exists():
         return None
-    digest = hashlib.sha256(Path(init).read_bytes()).hexdigest()  # the path may be a temp copy; the hash is not
+    digest = sha256_of(Path(init))  # the path may be a temp copy; the hash is not
     return {"path": str(init), "sha256": digest, **json.loads(side.read_text())}
 
 
