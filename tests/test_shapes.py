@@ -102,6 +102,21 @@ def test_polling_is_balanced_and_correct():
         assert (e.answer == "yes") == present
 
 
+def test_binding_negatives_swap_the_attributes_of_two_objects():
+    examples = shapes.make_examples(200, seed=6, qtypes="binding", n_objects=(2, 3))
+    assert collections.Counter(e.answer for e in examples) == {"yes": 100, "no": 100}
+    swapped = 0
+    for e in examples:
+        color, shape = e.question.removeprefix("Is there a ").removesuffix("?").split()
+        present = {(o.color, o.shape) for o in e.scene.objects}
+        assert (e.answer == "yes") == ((color, shape) in present)
+        can_swap = bool({(a.color, b.shape) for a in e.scene.objects for b in e.scene.objects} - present)
+        if e.answer == "no" and can_swap:  # the negative is a swapped pair whenever the scene has one
+            assert any(c == color for c, _ in present) and any(s == shape for _, s in present), e.question
+            swapped += 1
+    assert swapped >= 50, swapped  # most 2-3 object scenes have a swapped pair
+
+
 def test_vqa_answers_follow_the_scene():
     for e in shapes.make_examples(300, seed=2, qtypes=("vqa_color", "vqa_shape", "vqa_position")):
         objs = e.scene.objects

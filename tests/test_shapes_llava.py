@@ -63,6 +63,7 @@ def test_per_answer_loss_weighs_a_short_answer_like_a_long_one():
 
 def test_a_question_mix_is_normalised_and_a_typo_is_named():
     assert train.parse_mix("polling=3,caption=1") == {"polling": 0.75, "caption": 0.25}
+    assert train.parse_mix("binding=1")["binding"] == 1.0  # a training-only type
     with pytest.raises(ValueError, match="'pollng=1'.*polling"):
         train.parse_mix("pollng=1")
     with pytest.raises(ValueError, match=">= 0"):

@@ -20,6 +20,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 QUESTION_TYPES: tuple[str, ...] = ("caption", "polling", "vqa_color", "vqa_shape", "vqa_position")
+# "binding" is a training and diagnostic type (polling that needs colour and shape bound to one object); the
+# held-out bar is stated on QUESTION_TYPES alone.
+TRAINING_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES + ("binding",)
 CAPTION_PROMPT = "Describe the image."
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 # Words a lens may use for an empty patch; the rule of chapter 2 counts any of them as "background".
@@ -185,7 +188,7 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
                   positive: bool | None = None) -> tuple[str, str]:
     """A (question, answer) pair of the given type about the scene. Answers are short lower-case words.
 
-    `positive` fixes a polling question's answer (yes/no); by default it is a coin toss.
+    `positive` fixes a polling (or binding) question's answer (yes/no); by default it is a coin toss.
     """
     if qtype == "caption":
         return CAPTION_PROMPT, caption(scene)
@@ -202,7 +205,9 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
             return make_question(scene, "vqa_color", rng)
         q = lone[rng.integers(len(lone))]
         return f"What shape is at the {q}?", by_quadrant[q][0].shape
-    raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(QUESTION_TYPES)}")
+    if qtype == "binding":
+        return _binding(scene, rng, rng.random() < 0.5 if positive is None else positive)
+    raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(TRAINING_QUESTION_TYPES)}")
 
 
 def _attribute_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -233,6 +238,22 @@ def _polling(scene: Scene, rng: np.random.Generator, positive: bool) -> tuple[st
     return f"Is there a {color} {shape}?", "no"
 
 
+def _binding(scene: Scene, rng: np.random.Generator, positive: bool) -> tuple[str, str]:
+    """Polling that a bag of words cannot answer. The negative is a swapped pair: absent, although its colour and
+    its shape are both in the scene, on different objects ("a red square?" beside a red circle and a blue square).
+    The positive is an object that lends a swapped pair its colour or shape ("a red circle?"). Scenes without a
+    swapped pair (one object, or one colour or one shape throughout) get an ordinary polling question."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    swapped = sorted({(a.color, b.shape) for a in scene.objects for b in scene.objects} - present)
+    if not swapped:
+        return _polling(scene, rng, positive)
+    color, shape = swapped[rng.integers(len(swapped))]
+    if not positive:
+        return f"Is there a {color} {shape}?", "no"
+    donors = sorted(o.name for o in scene.objects if o.color == color or o.shape == shape)
+    return f"Is there a {donors[rng.integers(len(donors))]}?", "yes"
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 @dataclass
@@ -247,8 +268,8 @@ class Example:
 def example(seed: int, index: int, qtype: str, size: int = 64,
             n_objects: int | tuple[int, int] = (1, 3), positive: bool | None = None) -> Example:
     """Example `index` of the stream with `seed`: the same on every machine."""
-    if qtype not in QUESTION_TYPES:
-        raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(QUESTION_TYPES)}")
+    if qtype not in TRAINING_QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(TRAINING_QUESTION_TYPES)}")
     rng = np.random.default_rng([seed, index])
     scene = random_scene(rng, size, n_objects)
     scene.seed = (seed, index)

@@ -231,7 +231,7 @@ def train(args) -> dict:
     if step:
         print(f"resumed from {ckpt} at step {step}")
         started -= history[-1]["elapsed_s"] if history else 0  # the wall clock continues across resumes
-    held_out = evaluation.held_out_set(args.eval_n)
+    held_out = {**evaluation.held_out_set(args.eval_n), "binding": evaluation.binding_set(args.eval_n)}
     bar = tqdm(range(step, args.steps), desc="stage 2: LLaVA training", initial=step, total=args.steps)
     for step in bar:
         model.train()
@@ -268,8 +268,9 @@ def parse_mix(text: str) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in shapes.QUESTION_TYPES or not value:
-            raise ValueError(f"--mix: {part!r} is not type=weight with a type among {', '.join(shapes.QUESTION_TYPES)}")
+        if name.strip() not in shapes.TRAINING_QUESTION_TYPES or not value:
+            raise ValueError(f"--mix: {part!r} is not type=weight with a type among "
+                             f"{', '.join(shapes.TRAINING_QUESTION_TYPES)}")
         weights[name.strip()] = float(value)
     if sum(weights.values()) <= 0 or min(weights.values()) < 0:
         raise ValueError(f"--mix: weights must be >= 0 and not all 0, got {weights}")
