@@ -52,7 +52,10 @@ def test_model_card_explains_binding_turns_and_reports_the_diagnostic():
     run = _run(4, 0.5, seed=4, qa_from=0, continued_from=_run(10, 1.0, pretrain_steps=1000, qa_from=7),
                mix={"polling": 0.5, "binding": 0.5})
     accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.96, "vqa_shape": 0.97, "vqa_position": 0.8}
-    card = evaluation.model_card(run, dict(accuracy, binding=0.87), 100, [])
+    records = [{"qtype": "binding", "question": "Is there a red square?", "answer": "no", "prediction": p,
+                "correct": p == "no"} for p in ("yes", "no", "no")]
+    card = evaluation.model_card(run, dict(accuracy, binding=0.87), 100, records)
     assert "a mix of polling 50%, binding 50% throughout" in card and "Binding turns are polling questions" in card
     assert "| polling, swapped attributes (diagnostic) | 87.0% | none |" in card
+    assert 'answers "yes" to 1 of its 3 negatives' in card
     assert "swapped attributes" not in evaluation.model_card(run, accuracy, 100, [])  # no measurement, no row

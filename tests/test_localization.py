@@ -82,7 +82,7 @@ def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_ll
     items = L.make_items("vqa", 64, 0, adapter.image_size)
     obj = L.ablation_flips(adapter, items, "vqa", "object", buffer=1, seed=0)
     rnd = L.ablation_flips(adapter, items, "vqa", "random", buffer=1, seed=0)
-    assert obj["initially_correct"] >= 40  # enough correct answers to measure flips on (measured: 61 of 64)
+    assert obj["initially_correct"] >= 40  # enough correct answers to measure flips on (measured: 62 of 64)
     # Non-overlapping bootstrap 95% CIs: the gap is not sampling noise of this set of questions.
     assert obj["ci_low"] > rnd["ci_high"], (obj, rnd)
 

@@ -132,7 +132,7 @@ seen in training; captions on 1-2 object scenes, the rest on 1-3). Reproduce wit
 {row('vqa_color', '>= 95%')}
 {row('vqa_shape', '>= 95%')}
 {row('vqa_position', 'none')}
-{_binding_row(accuracy)}
+{_binding_row(accuracy, records)}
 ## Where it falls short
 {_shortfall(accuracy, records)}
 
@@ -142,13 +142,16 @@ says about an image flows through the projector's visual tokens, which is what t
 """
 
 
-def _binding_row(accuracy: dict[str, float]) -> str:
+def _binding_row(accuracy: dict[str, float], records: list[dict]) -> str:
     if "binding" not in accuracy:
         return ""
+    negatives = [r for r in records if r["qtype"] == "binding" and r["answer"] == "no"]
+    false_yes = sum(normalize(r["prediction"]) == "yes" for r in negatives)
+    told = f" This model answers \"yes\" to {false_yes} of its {len(negatives)} negatives." if negatives else ""
     return (f"| polling, swapped attributes (diagnostic) | {accuracy['binding']:.1%} | none |\n\n"
             "The last row is a diagnostic, not part of the bar: polling on 2-3 object scenes whose negatives swap "
             "the attributes of two objects (`evaluation.binding_set`). A model that checks the colour and the "
-            "shape word separately answers \"yes\" to every such negative and scores about 50%.\n")
+            f"shape word separately answers \"yes\" to every such negative and scores about 50%.{told}\n")
 
 
 def _shortfall(accuracy: dict[str, float], records: list[dict]) -> str:
