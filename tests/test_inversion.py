@@ -92,8 +92,8 @@ def test_gaussian_blur_keeps_flat_images_and_mass():
 def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llava):
     """MIMIC's point, on shapes-llava: 6 concepts, seed 0, 150 steps each (5 to 8 minutes on 2 CPU cores). The
     independent classifier names the target in more of the full-recipe inversions than of the CE-only ones.
-    Measured on the shipped weights: 4 of 6 with all terms, 0 of 6 with CE alone (noise textures that still reach
-    the target answer); the two earlier versions of the weights gave 3 and 2 of 6 with all terms. At 60 to 80
+    Measured on the shipped weights: 2 of 6 with all terms, 0 of 6 with CE alone (noise textures that still reach
+    the target answer); the three earlier versions of the weights gave 3, 2 and 4 of 6 with all terms. At 60 to 80
     steps neither recipe had converged (0 vs 0), hence 150."""
     model, processor, _ = shapes_llava
     concepts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square"),

@@ -25,8 +25,8 @@ def held_out_set(n_per_type: int = 50, seed: int = HELD_OUT_SEED) -> dict[str, l
 
 
 def binding_set(n: int = 100, seed: int = HELD_OUT_SEED + len(shapes.QUESTION_TYPES)) -> list[shapes.Example]:
-    """Held-out polling on 2-3 object scenes, half of it swapped-attribute negatives: does the model bind colour
-    to shape, or answer "yes" whenever both words fit some object? A diagnostic; the bar is on `held_out_set`."""
+    """Held-out polling on 2-3 object scenes, half of it negatives, most of those swapped pairs: does the model bind
+    colour to shape, or answer "yes" whenever both words fit some object? A diagnostic; the bar is on `held_out_set`."""
     return shapes.make_examples(n, seed, "binding", n_objects=(2, 3))
 
 
@@ -71,12 +71,13 @@ def _continued_run(run: dict) -> str:
     name = ("a mix of " + ", ".join(f"{q} {w:.0%}" for q, w in run["mix"].items()) if run.get("mix")
             else "the QA-heavy mix")
     mix = f"{name} throughout" if run.get("qa_from", 0) == 0 else f"{name} from step {run['qa_from']}"
+    binding = BINDING_NOTE if "binding" in (run.get("mix") or {}) else ""
     loss = ("the loss averaged per answer, so a one-word answer weighs as much as a caption"
             if run.get("loss_per") == "answer" else "the loss averaged per answer token")
     return (f"**Continued training** (`--init`, seed {run.get('seed')}: new scenes), {run['steps']} more steps at "
             f"batch {run['batch_size']}, 1 to {run.get('max_turns', 4)} turns per image, {mix}, {loss}, AdamW "
             f"(vision {run.get('lr_vision', 3e-4):g}, projector {run.get('lr_projector', 1e-3):g}) with a fresh "
-            f"warm-up and cosine decay, {wall_hours(run['history']):.2f} h." + BINDING_NOTE * ("binding" in (run.get("mix") or {})))
+            f"warm-up and cosine decay, {wall_hours(run['history']):.2f} h.{binding}")
 
 
 def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict]) -> str:
