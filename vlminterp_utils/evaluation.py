@@ -147,12 +147,21 @@ def _binding_row(accuracy: dict[str, float], records: list[dict]) -> str:
     if "binding" not in accuracy:
         return ""
     negatives = [r for r in records if r["qtype"] == "binding" and r["answer"] == "no"]
-    false_yes = sum(normalize(r["prediction"]) == "yes" for r in negatives)
+    false_yes = _count_yes(negatives)
     told = f" This model answers \"yes\" to {false_yes} of its {len(negatives)} negatives." if negatives else ""
     return (f"| polling, swapped attributes (diagnostic) | {accuracy['binding']:.1%} | none |\n\n"
             "The last row is a diagnostic, not part of the bar: polling on 2-3 object scenes whose negatives swap "
             "the attributes of two objects (`evaluation.binding_set`). A model that checks the colour and the "
             f"shape word separately answers \"yes\" to every such negative and scores about 50%.{told}\n")
+
+
+def _errors(records: list[dict], qtype: str) -> list[dict]:
+    return [r for r in records if r["qtype"] == qtype and not r["correct"]]
+
+
+def _count_yes(records: list[dict]) -> int:
+    """How many of these answers were "yes" (a false "yes" when the records are errors or negatives)."""
+    return sum(normalize(r["prediction"]) == "yes" for r in records)
 
 
 def _shortfall(accuracy: dict[str, float], records: list[dict]) -> str:
@@ -162,14 +171,14 @@ def _shortfall(accuracy: dict[str, float], records: list[dict]) -> str:
         return "Every question type meets its bar."
     first = (f"{', '.join(missed)} {'is' if len(missed) == 1 else 'are'} below the bar. More steps (`--init` "
              "continues from these weights) are the next thing to try.")
-    polling = [r for r in records if r["qtype"] == "polling" and not r["correct"]]
+    polling = _errors(records, "polling")
     if "polling" in missed and polling:
-        false_yes = sum(normalize(r["prediction"]) == "yes" for r in polling)
+        false_yes = _count_yes(polling)
         first += (f" Of the {len(polling)} polling errors, {false_yes} are a false \"yes\" about an absent object "
                   f"and {len(polling) - false_yes} a false \"no\" or another answer.")
     lines = [first + " Examples of held-out errors:", ""]
     for qtype in accuracy:
-        for r in [r for r in records if r["qtype"] == qtype and not r["correct"]][:3]:
+        for r in _errors(records, qtype)[:3]:
             lines.append(f"- {r['question']} -> *{r['prediction']}* (truth: {r['answer']})")
     return "\n".join(lines)
 

@@ -192,8 +192,9 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
     """
     if qtype == "caption":
         return CAPTION_PROMPT, caption(scene)
-    if qtype == "polling":
-        return _polling(scene, rng, rng.random() < 0.5 if positive is None else positive)
+    if qtype in ("polling", "binding"):
+        positive = rng.random() < 0.5 if positive is None else positive
+        return (_polling if qtype == "polling" else _binding)(scene, rng, positive)
     if qtype in ("vqa_color", "vqa_shape"):
         return _attribute_question(scene, qtype, rng)
     if qtype == "vqa_position":
@@ -205,8 +206,6 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
             return make_question(scene, "vqa_color", rng)
         q = lone[rng.integers(len(lone))]
         return f"What shape is at the {q}?", by_quadrant[q][0].shape
-    if qtype == "binding":
-        return _binding(scene, rng, rng.random() < 0.5 if positive is None else positive)
     raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(TRAINING_QUESTION_TYPES)}")
 
 

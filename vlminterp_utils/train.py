@@ -268,13 +268,15 @@ def parse_mix(text: str) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in shapes.TRAINING_QUESTION_TYPES or not value:
+        name = name.strip()
+        if name not in shapes.TRAINING_QUESTION_TYPES or not value:
             raise ValueError(f"--mix: {part!r} is not type=weight with a type among "
                              f"{', '.join(shapes.TRAINING_QUESTION_TYPES)}")
-        weights[name.strip()] = float(value)
-    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        weights[name] = float(value)
+    total = sum(weights.values())
+    if total <= 0 or min(weights.values()) < 0:
         raise ValueError(f"--mix: weights must be >= 0 and not all 0, got {weights}")
-    return {q: w / sum(weights.values()) for q, w in weights.items()}
+    return {q: w / total for q, w in weights.items()}
 
 
 def _init_meta(init: str | None) -> dict | None:
