@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m vlminterp_utils.weights
+	$(PY) -m vlminterp_utils.core.weights
 	touch $(STAMP)
 
 test: $(STAMP)

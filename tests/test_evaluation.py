@@ -1,5 +1,5 @@
 """The model card tells the whole training story, including runs that continued from shipped weights."""
-from vlminterp_utils import evaluation
+from vlminterp_utils.workshop import evaluation
 
 VISION = {"image_size": 64, "patch_size": 8, "num_hidden_layers": 6, "hidden_size": 192}
 

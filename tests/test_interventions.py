@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from reference_knockout import reference_knockout_logits
 from vlminterp_utils import interventions as I
-from vlminterp_utils import shapes
+from vlminterp_utils import shapes, stats
+from vlminterp_utils.core.readout import answer_logits, visual_embeddings
 
 
 def batch_for(adapter, n=3, questions=None, seed=0):
@@ -25,10 +27,10 @@ def test_identity_ablation_leaves_logits_unchanged(tiny):
     _, _, adapter = tiny
     batch, _ = batch_for(adapter)
     with torch.no_grad():
-        before = I.answer_logits(adapter, batch)
-        real = I.visual_embeddings(adapter, batch)
+        before = answer_logits(adapter, batch)
+        real = visual_embeddings(adapter, batch)
         with I.replace_visual_tokens(adapter, torch.ones(real.shape[:2], dtype=torch.bool), real):
-            after = I.answer_logits(adapter, batch)
+            after = answer_logits(adapter, batch)
     assert torch.equal(before, after)
 
 
@@ -38,14 +40,14 @@ def test_ablation_changes_only_chosen_tokens_and_only_inside_the_block(tiny):
     mean = I.mean_visual_token(adapter, n_images=8, cache=False)
     mask = torch.zeros(3, adapter.n_visual_tokens, dtype=torch.bool)
     mask[:, :5] = True
-    real = I.visual_embeddings(adapter, batch)
+    real = visual_embeddings(adapter, batch)
     with torch.no_grad(), I.ablate(adapter, mask, "mean", mean_token=mean):
-        ablated = I.visual_embeddings(adapter, batch)
+        ablated = visual_embeddings(adapter, batch)
     assert torch.allclose(ablated[:, :5], mean.expand(3, 5, -1))
     assert torch.equal(ablated[:, 5:], real[:, 5:])
-    assert torch.equal(I.visual_embeddings(adapter, batch), real)  # hook gone after the block
+    assert torch.equal(visual_embeddings(adapter, batch), real)  # hook gone after the block
     with torch.no_grad(), I.ablate(adapter, mask, "zero"):
-        assert (I.visual_embeddings(adapter, batch)[:, :5] == 0).all()
+        assert (visual_embeddings(adapter, batch)[:, :5] == 0).all()
 
 
 def test_bad_ablation_arguments_are_rejected(tiny):
@@ -55,7 +57,7 @@ def test_bad_ablation_arguments_are_rejected(tiny):
         I.ablate(adapter, torch.zeros(3, 16, dtype=torch.bool), "median")
     with pytest.raises(ValueError, match="does not match the visual tokens"), I.ablate(
             adapter, torch.zeros(3, 64, dtype=torch.bool), "zero"):
-        I.answer_logits(adapter, batch)
+        answer_logits(adapter, batch)
 
 
 def test_mean_visual_token_is_cached(tiny, tmp_path, monkeypatch):
@@ -75,10 +77,10 @@ def test_knockout_equals_the_minus_inf_reference(tiny_any_attention, padded):
     visual, last = positions(batch, adapter)
     block = I.block_matrix(batch["input_ids"].shape[1], last, visual)
     with torch.no_grad():
-        plain = I.answer_logits(adapter, batch)
+        plain = answer_logits(adapter, batch)
         with I.attention_knockout(adapter, block, [0, 2]):
-            knocked = I.answer_logits(adapter, batch)
-    reference = I.reference_knockout_logits(adapter, batch, block, [0, 2])
+            knocked = answer_logits(adapter, batch)
+    reference = reference_knockout_logits(adapter, batch, block, [0, 2])
     assert (knocked - plain).abs().max() > 1e-3  # the knockout does something ...
     assert torch.allclose(knocked, reference, atol=1e-5)  # ... and exactly what -inf scores do
 
@@ -90,9 +92,9 @@ def test_blocking_all_visual_to_text_edges_makes_the_answer_ignore_the_image(tin
     visual, _ = positions(a, adapter)
     block = I.block_matrix(a["input_ids"].shape[1], ~visual, visual)
     with torch.no_grad():
-        assert not torch.allclose(I.answer_logits(adapter, a), I.answer_logits(adapter, b))
+        assert not torch.allclose(answer_logits(adapter, a), answer_logits(adapter, b))
         with I.attention_knockout(adapter, block, range(adapter.n_layers)):
-            assert torch.allclose(I.answer_logits(adapter, a), I.answer_logits(adapter, b), atol=1e-6)
+            assert torch.allclose(answer_logits(adapter, a), answer_logits(adapter, b), atol=1e-6)
 
 
 def test_blocking_non_causal_edges_changes_nothing(tiny_any_attention):
@@ -101,9 +103,9 @@ def test_blocking_non_causal_edges_changes_nothing(tiny_any_attention):
     n = batch["input_ids"].shape[1]
     future = torch.ones(n, n, dtype=torch.bool).triu(1)[None].expand(3, n, n)
     with torch.no_grad():
-        plain = I.answer_logits(adapter, batch)
+        plain = answer_logits(adapter, batch)
         with I.attention_knockout(adapter, future, range(adapter.n_layers)):
-            assert torch.equal(I.answer_logits(adapter, batch), plain)
+            assert torch.equal(answer_logits(adapter, batch), plain)
 
 
 def test_hooks_are_removed_after_an_exception(tiny):
@@ -138,10 +140,10 @@ def test_integrated_gradients_are_complete(tiny):
     batch, _ = batch_for(adapter)
     baseline = I.mean_visual_token(adapter, n_images=8, cache=False)
     with torch.no_grad():
-        logits = I.answer_logits(adapter, batch)
+        logits = answer_logits(adapter, batch)
         answer = logits.argmax(-1)
         with I.replace_visual_tokens(adapter, torch.ones(3, 16, dtype=torch.bool), baseline):
-            base_logits = I.answer_logits(adapter, batch)
+            base_logits = answer_logits(adapter, batch)
     rows = torch.arange(3)
     attributions = I.integrated_gradients(adapter, batch, answer, baseline, steps=32)
     assert attributions.shape == (3, 16)
@@ -178,6 +180,6 @@ def test_layer_windows_and_presets():
 def test_flip_rate_and_bootstrap():
     before = [True] * 10 + [False] * 5
     after = [False] * 4 + [True] * 6 + [False] * 5
-    assert I.flip_rate(before, after) == 0.4
-    mean, lo, hi = I.bootstrap_ci(before, after, seed=1)
+    assert stats.flip_rate(before, after) == 0.4
+    mean, lo, hi = stats.bootstrap_ci(before, after, seed=1)
     assert mean == 0.4 and lo < 0.4 < hi and 0 <= lo and hi <= 1

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlminterp_utils import corpus, latentlens as LL, lenses, models, shapes
+from vlminterp_utils import latentlens as LL, lenses, models, shapes
 
 
 @pytest.fixture(scope="module")
 def index(tiny):
     _, _, adapter = tiny
-    return LL.build_index(adapter, corpus.load_corpus(limit=400), layers=[1, 3], cap=5, seed=0)
+    return LL.build_index(adapter, LL.load_corpus(limit=400), layers=[1, 3], cap=5, seed=0)
 
 
 def test_default_layers_spread_over_depth():
@@ -134,10 +134,11 @@ def test_latent_lens_describes_like_the_other_lenses(index, tiny):
     assert LL.LatentLens(index).matched_layers(hidden, 0, k=2).shape == (2, 3, 2)
 
 
+@pytest.mark.phenomenon
 def test_latentlens_interprets_more_visual_tokens_than_the_logit_lens_on_most_layers(shapes_llava):
     """Krojer et al.'s claim on shapes-llava: 16 fixed scenes (seed 0), top-5, the book's corpus and judge."""
     _, _, adapter = shapes_llava
-    index = LL.cached_index(adapter, corpus.load_corpus(), cap=20)
+    index = LL.cached_index(adapter, LL.load_corpus(), cap=20)
     examples = shapes.make_examples(16, 0, "caption")
     shares = lenses.compare_lenses(adapter, [lenses.LogitLens(adapter), LL.LatentLens(index)], examples, k=5)
     table = shares.pivot(index="layer", columns="lens", values="share")

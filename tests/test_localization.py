@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from vlminterp_utils import lenses, localization as L, shapes
+from vlminterp_utils.core.readout import first_answer_token
 
 
-def test_target_of_finds_the_object_each_question_is_about():
+def test_items_target_the_object_their_question_names():
     for setting in ("vqa", "polling"):
         for item in L.make_items(setting, 60, 3, 64):
             q, obj = item.example.question, item.object
@@ -22,7 +23,7 @@ def test_attribution_target_points_at_the_objects_colour_word(tiny):
         assert (prefix + adapter.tokenizer.decode([token])) == caption[:len(prefix) + 1 + len(item.object.color)]
         assert caption.startswith(prefix) and prefix.endswith("a")
     vqa = L.make_items("vqa", 1, 0, adapter.image_size)[0]
-    assert L.attribution_target(adapter, vqa) == ("", L.first_answer_token(adapter, vqa.example.answer))
+    assert L.attribution_target(adapter, vqa) == ("", first_answer_token(adapter, vqa.example.answer))
 
 
 def test_unknown_setting_is_rejected():
@@ -76,6 +77,7 @@ def test_logit_lens_describe_returns_words_per_token(tiny):
 
 # ---------------------------------------------------------------------------------------------- phenomena
 
+@pytest.mark.phenomenon
 def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_llava):
     """Neo et al.'s central ablation result, on 64 fixed VQA questions (seed 0), buffer 1, mean ablation."""
     _, _, adapter = shapes_llava
@@ -87,6 +89,7 @@ def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_ll
     assert obj["ci_low"] > rnd["ci_high"], (obj, rnd)
 
 
+@pytest.mark.phenomenon
 def test_object_to_last_knockout_hurts_far_more_than_non_object_to_last(shapes_llava):
     """Blocking the answer position from the object's tokens in all layers vs from every other visual token."""
     _, _, adapter = shapes_llava

@@ -6,7 +6,7 @@ from vlminterp_utils import weights
 
 def test_offline_and_not_cached_says_how_to_get_the_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="python -m vlminterp_utils.weights"):
+    with pytest.raises(FileNotFoundError, match="python -m vlminterp_utils.core.weights"):
         weights.smollm2_gguf(download=False)
 
 

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import shapes
+from ..core import shapes, stats
+from ..core.readout import visual_hidden_states
 
 
 def _layer(hidden_states, layer: int) -> torch.Tensor:
@@ -125,7 +126,6 @@ def patch_readings(adapter, lens, examples: list[shapes.Example], k: int = 5, la
                    batch_size: int = 8) -> pd.DataFrame:
     """What a lens reads at every visual token of every layer: one row per (layer, example, patch) with the
     patch's kind, its object and the lens's top-k words."""
-    from .interventions import visual_hidden_states
     layers = range(adapter.n_layers + 1) if layers is None else layers
     rows = []
     for start in tqdm(range(0, len(examples), batch_size), desc=f"{getattr(lens, 'name', 'lens')} readings",
@@ -176,9 +176,8 @@ def interpretable_share(readings: pd.DataFrame, examples: list[shapes.Example], 
     judged = readings.assign(hit=verdicts)
     judged = judged[judged.hit.notna()].astype({"hit": float})
     out = judged.groupby(list(by)).hit.agg(["mean", "count"]).reset_index()
-    half = 1.96 * np.sqrt(out["mean"] * (1 - out["mean"]) / out["count"])
-    return out.rename(columns={"mean": "share", "count": "n"}).assign(
-        ci_low=(out["mean"] - half).clip(lower=0), ci_high=(out["mean"] + half).clip(upper=1))
+    low, high = stats.proportion_interval(out["mean"], out["count"])
+    return out.rename(columns={"mean": "share", "count": "n"}).assign(ci_low=low, ci_high=high)
 
 
 def compare_lenses(adapter, lens_list, examples: list[shapes.Example], k: int = 5,

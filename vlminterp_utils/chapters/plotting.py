@@ -147,8 +147,8 @@ def lens_html(image, words_per_layer: list[list[str]], grid: tuple[int, int], pa
     import base64
     import io
     import json
-    import os
-    from pathlib import Path
+
+    from ..core.storage import write_text
 
     buf = io.BytesIO()
     image.resize((512, 512), 0).save(buf, format="PNG")
@@ -167,11 +167,7 @@ d.style.left=(p%C)*512/C+'px';d.style.top=Math.floor(p/C)*512/R+'px';d.textConte
 document.getElementById('l').textContent=k;}}
 document.getElementById('s').oninput=e=>draw(+e.target.value);draw(0);
 </script></body></html>"""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, page)
 
 
 def word_grids(image, words_by_name: dict[str, list[str]], grid: tuple[int, int], suptitle: str | None = None):

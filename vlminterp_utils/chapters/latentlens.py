@@ -8,10 +8,7 @@ with faiss in every stored layer and merged across layers.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..core.readout import pad_right, visual_hidden_states
+from ..core.storage import atomic_path, cache_key, cached_artefact, data_path
 from .lenses import unflatten
 
 FORMAT_VERSION = 1
@@ -108,23 +107,18 @@ class ContextualIndex:
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """A folder: embeddings.safetensors, metadata.parquet, index.json; written to a temp folder, then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
-        try:
-            save_file({f"layer_{layer}": self.embeddings[layer].contiguous() for layer in self.layers},
-                      str(tmp / "embeddings.safetensors"))
-            self.metadata.to_parquet(tmp / "metadata.parquet", index=False)
-            (tmp / "index.json").write_text(json.dumps({
-                "format_version": FORMAT_VERSION, "model_name": self.model_name, "hidden_size": self.hidden_size,
-                "layers": self.layers, "n_entries": len(self), "cap": self.cap, "seed": self.seed}, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        with atomic_path(path, folder=True) as tmp:
+            self.write(tmp)
+        return Path(path)
+
+    def write(self, folder: Path) -> None:
+        """The three files of the index, into an existing folder (use `save` for an atomic write)."""
+        save_file({f"layer_{layer}": self.embeddings[layer].contiguous() for layer in self.layers},
+                  str(folder / "embeddings.safetensors"))
+        self.metadata.to_parquet(folder / "metadata.parquet", index=False)
+        (folder / "index.json").write_text(json.dumps({
+            "format_version": FORMAT_VERSION, "model_name": self.model_name, "hidden_size": self.hidden_size,
+            "layers": self.layers, "n_entries": len(self), "cap": self.cap, "seed": self.seed}, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, adapter=None, layers: list[int] | None = None,
@@ -228,15 +222,9 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
     by_sentence = chosen.groupby("sentence_id").indices
     needed = sorted(by_sentence)
     language_model = adapter.language_model
-    pad = tok.pad_token_id
     for start in tqdm(range(0, len(needed), batch_size), desc="contextual embeddings"):
-        ids = [encoded["input_ids"][s] for s in needed[start:start + batch_size]]
-        length = max(map(len, ids))
-        input_ids = torch.full((len(ids), length), pad)
-        mask = torch.zeros((len(ids), length), dtype=torch.long)
-        for i, row in enumerate(ids):  # right padding: positions of real tokens stay as in the sentence
-            input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-        hidden = language_model(input_ids=input_ids.to(adapter.device), attention_mask=mask.to(adapter.device),
+        batch = pad_right([encoded["input_ids"][s] for s in needed[start:start + batch_size]], tok.pad_token_id)
+        hidden = language_model(**{k: v.to(adapter.device) for k, v in batch.items()},
                                 output_hidden_states=True).hidden_states
         for i, s in enumerate(needed[start:start + batch_size]):
             rows = by_sentence[s]
@@ -277,7 +265,6 @@ class LatentLens:
 
 def matched_layer_counts(adapter, lens: LatentLens, examples, query_layers=None) -> pd.DataFrame:
     """For visual tokens read at each query layer: how often the top-1 match comes from each contextual layer."""
-    from .interventions import visual_hidden_states
     query_layers = range(1, adapter.n_layers + 1) if query_layers is None else query_layers
     states = visual_hidden_states(adapter, examples)
     rows = []
@@ -288,18 +275,34 @@ def matched_layer_counts(adapter, lens: LatentLens, examples, query_layers=None)
     return pd.DataFrame(rows)
 
 
-def cached_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20, seed: int = 0,
-                 folder: str | Path | None = None) -> ContextualIndex:
+def cached_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20,
+                 seed: int = 0) -> ContextualIndex:
     """Load the index for this model, corpus, layers, cap and seed from the cache, or build and save it."""
-    import hashlib
-
-    from . import weights
     layers = sorted(layers or default_layers(adapter.n_layers))
-    key = hashlib.sha256(json.dumps([adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap,
-                                     seed, sentences]).encode()).hexdigest()[:16]
-    path = Path(folder or weights.cache_dir() / "latentlens") / key
-    if (path / "index.json").exists():
-        return ContextualIndex.load(path, adapter=adapter, layers=layers)
-    index = build_index(adapter, sentences, layers, cap, seed)
-    index.save(path)
-    return index
+    key = cache_key(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap, seed, sentences)
+    return cached_artefact("latentlens", key, lambda: build_index(adapter, sentences, layers, cap, seed),
+                           lambda index, folder: index.write(folder),
+                           lambda path: ContextualIndex.load(path, adapter=adapter, layers=layers), folder=True)
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+DEFAULT_CORPUS = ("corpus", "default_corpus.txt")
+
+
+def load_corpus(source: str | Path | None = None, column: str = "text", limit: int | None = None) -> list[str]:
+    """Sentences from the book's corpus (package data), a text file (one sentence per line) or a
+    `datasets.Dataset` column."""
+    if source is None:
+        source = data_path(*DEFAULT_CORPUS)
+    if hasattr(source, "column_names"):  # a datasets.Dataset
+        if column not in source.column_names:
+            raise ValueError(f"the dataset has no column {column!r}; its columns: {source.column_names}")
+        lines = [str(t) for t in source[column][:limit]]
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no corpus at {path}: give a text file with one sentence per line")
+        lines = path.read_text().splitlines()
+    lines = [line.strip() for line in lines if line.strip()]
+    return lines[:limit] if limit else lines

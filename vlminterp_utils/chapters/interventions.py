@@ -1,60 +1,22 @@
-"""Interventions on visual tokens: capture, ablation, token selection, attention knockout, flip metrics.
+"""Interventions on visual tokens: ablation, token selection, attribution, attention knockout.
 
 Everything works on batches and on any model the adapter supports. Hooks are registered inside context managers
 and removed on exit, also when the body raises.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import shapes, weights
+from ..core import shapes
+from ..core.readout import answer_logits, visual_embeddings
+from ..core.storage import cache_key, cached_tensors
 
 MEAN_TOKEN_SEED = 20_000  # scenes for the dataset-mean visual token: disjoint from training and evaluation
-
-
-# ---------------------------------------------------------------------------------------------- capture
-
-@torch.no_grad()
-def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool = False):
-    """One forward pass; hidden states of every layer (embeddings first) and attention weights on request."""
-    if attentions and adapter.attn_implementation != "eager":
-        raise ValueError("attention weights need eager attention: model.set_attn_implementation('eager')")
-    return adapter.model(**batch, output_hidden_states=hidden_states, output_attentions=attentions)
-
-
-@torch.no_grad()
-def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
-    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (projector output)."""
-    captured = {}
-    handle = adapter.projector.register_forward_hook(lambda m, i, out: captured.setdefault("x", out))
-    try:
-        adapter.model(**batch)
-    finally:
-        handle.remove()
-    return captured["x"]
-
-
-@torch.no_grad()
-def visual_hidden_states(adapter, examples: list[shapes.Example]) -> torch.Tensor:
-    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens."""
-    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
-    hidden = forward(adapter, batch, hidden_states=True).hidden_states
-    pos = adapter.visual_positions(batch["input_ids"])
-    rows = torch.arange(len(examples))[:, None]
-    return torch.stack([h[rows, pos] for h in hidden])
-
-
-def answer_logits(adapter, batch: dict) -> torch.Tensor:
-    """Logits of the first answer token: the last position of every (left-padded) prompt."""
-    return adapter.model(**batch, logits_to_keep=1).logits[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------- ablation
@@ -98,26 +60,21 @@ def ablate(adapter, token_mask, mode: str | torch.Tensor = "mean", mean_token: t
 def mean_visual_token(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, batch_size: int = 16,
                       cache: bool = True) -> torch.Tensor:
     """The dataset-mean visual token over held-out shapes-world scenes (all positions), cached as safetensors."""
-    key = json.dumps([adapter.config.name_or_path, n_images, seed, adapter.image_size,
-                      float(adapter.projector.parameters().__next__().double().sum())])
-    path = weights.cache_dir() / "mean_tokens" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".safetensors")
-    if cache and path.exists():
-        return load_file(str(path))["mean"]
-    total, count = None, 0
-    for start in tqdm(range(0, n_images, batch_size), desc="mean visual token", leave=False):
-        exs = [shapes.example(seed, i, "caption", size=adapter.image_size)
-               for i in range(start, min(start + batch_size, n_images))]
-        batch = adapter.inputs([e.scene.image for e in exs], [e.question for e in exs])
-        emb = visual_embeddings(adapter, batch).float()
-        total = emb.sum((0, 1)) if total is None else total + emb.sum((0, 1))
-        count += emb.shape[0] * emb.shape[1]
-    mean = (total / count).cpu()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({"mean": mean.contiguous()}, str(tmp))
-        tmp.replace(path)
-    return mean
+    fingerprint = float(next(adapter.projector.parameters()).double().sum())  # retrained weights: a new key
+    key = cache_key(adapter.config.name_or_path, n_images, seed, adapter.image_size, fingerprint)
+
+    def build():
+        total, count = None, 0
+        for start in tqdm(range(0, n_images, batch_size), desc="mean visual token", leave=False):
+            exs = [shapes.example(seed, i, "caption", size=adapter.image_size)
+                   for i in range(start, min(start + batch_size, n_images))]
+            batch = adapter.inputs([e.scene.image for e in exs], [e.question for e in exs])
+            emb = visual_embeddings(adapter, batch).float()
+            total = emb.sum((0, 1)) if total is None else total + emb.sum((0, 1))
+            count += emb.shape[0] * emb.shape[1]
+        return {"mean": (total / count).cpu()}
+
+    return cached_tensors("mean_tokens", key, build, cache=cache)["mean"]
 
 
 # ---------------------------------------------------------------------------------------------- token selection
@@ -252,61 +209,3 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
     finally:
         for h in handles:
             h.remove()
-
-
-def reference_knockout_logits(adapter, batch: dict, block: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
-    """Answer logits from a from-scratch attention that masks blocked scores with -inf: the knockout's reference.
-
-    Its causal and padding masks are rebuilt here from positions and the batch's attention mask, independently
-    of what the model passes around.
-    """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    layers, pad = set(layers), batch["attention_mask"].bool()
-
-    def reference(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        n_q, n_k = query.shape[2], key.shape[2]
-        k, v = (repeat_kv(t, module.num_key_value_groups) for t in (key, value))
-        scores = (query @ k.transpose(2, 3)) * scaling
-        allowed = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)[None] & pad[:, None, -n_k:]
-        diagonal = torch.zeros(n_q, n_k, dtype=torch.bool)
-        diagonal[torch.arange(n_q), torch.arange(n_q) + n_k - n_q] = True
-        allowed |= diagonal[None]  # fully padded rows attend to themselves rather than to nothing
-        if module.layer_idx in layers:
-            allowed &= ~block[:, -n_q:, :n_k]
-        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-        return (probs @ v).transpose(1, 2).contiguous(), probs
-
-    AttentionInterface.register("vlminterp_reference", reference)
-    text_config = adapter.text_config
-    previous = text_config._attn_implementation
-    text_config._attn_implementation = "vlminterp_reference"
-    try:
-        with torch.no_grad():
-            return answer_logits(adapter, batch)
-    finally:
-        text_config._attn_implementation = previous
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-def flip_rate(correct_before: Sequence[bool], correct_after: Sequence[bool]) -> float:
-    """Share of initially-correct answers that are wrong after the intervention."""
-    before, after = np.asarray(correct_before, bool), np.asarray(correct_after, bool)
-    if not before.any():
-        return float("nan")
-    return float((~after[before]).mean())
-
-
-def bootstrap_ci(correct_before, correct_after, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """Flip rate with a percentile bootstrap confidence interval over the initially-correct examples."""
-    before, after = np.asarray(correct_before, bool), np.asarray(correct_after, bool)
-    flips = ~after[before]
-    if len(flips) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    samples = flips[rng.integers(0, len(flips), size=(n_boot, len(flips)))].mean(1)
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return float(flips.mean()), float(lo), float(hi)

@@ -11,8 +11,6 @@ schedule.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, replace
 
@@ -20,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..core import shapes
+from ..core.readout import answer_token_losses, normalize_answer, pad_right
+from ..core.storage import cache_key, cached_tensors
 from . import classifier as clf
-from . import models, shapes, weights
-from .train import answer_token_losses
 
 CONCEPT_SEED = 40_000
 
@@ -96,21 +94,18 @@ def to_pixels(images, size: int) -> torch.Tensor:
 def concept_stats(adapter, color: str, shape: str, n_images: int = 32, seed: int = CONCEPT_SEED,
                   cache: bool = True) -> dict[str, torch.Tensor]:
     """Per-layer token mean and variance of the vision tower, averaged over real images of one concept."""
-    key = json.dumps([adapter.config.name_or_path, color, shape, n_images, seed, adapter.image_size,
-                      float(next(adapter.vision_tower.parameters()).double().sum())])
-    path = weights.cache_dir() / "concept_stats" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".safetensors")
-    if cache and path.exists():
-        return load_file(str(path))
-    rng = np.random.default_rng([seed, list(shapes.COLORS).index(color), shapes.SHAPES.index(shape)])
-    images = [shapes.concept_scene(rng, color, shape, adapter.image_size).image for _ in range(n_images)]
-    pixels = normalize_pixels(adapter, to_pixels(images, adapter.image_size)).to(adapter.device)
-    mean, var = token_statistics(_vision_states(adapter, pixels.to(next(adapter.vision_tower.parameters()).dtype)))
-    stats = {"mean": mean.float().mean(0).cpu().contiguous(), "var": var.float().mean(0).cpu().contiguous()}
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(stats, str(path.with_name(path.name + ".partial")))
-        path.with_name(path.name + ".partial").replace(path)
-    return stats
+    fingerprint = float(next(adapter.vision_tower.parameters()).double().sum())  # retrained weights: a new key
+    key = cache_key(adapter.config.name_or_path, color, shape, n_images, seed, adapter.image_size, fingerprint)
+
+    def build():
+        rng = np.random.default_rng([seed, list(shapes.COLORS).index(color), shapes.SHAPES.index(shape)])
+        images = [shapes.concept_scene(rng, color, shape, adapter.image_size).image for _ in range(n_images)]
+        pixels = normalize_pixels(adapter, to_pixels(images, adapter.image_size)).to(adapter.device)
+        dtype = next(adapter.vision_tower.parameters()).dtype
+        mean, var = token_statistics(_vision_states(adapter, pixels.to(dtype)))
+        return {"mean": mean.float().mean(0).cpu(), "var": var.float().mean(0).cpu()}
+
+    return cached_tensors("concept_stats", key, build, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------- loss terms
@@ -184,20 +179,14 @@ def teacher_forced_batch(adapter, prompts: list[str], targets: list[str]) -> dic
     """Prompt + target answer per row (right-padded), with a mask of the answer tokens (the only loss)."""
     tok = adapter.tokenizer
     placeholder = Image.new("RGB", (adapter.image_size, adapter.image_size))
-    rows = []
+    sequences, masks = [], []
     for p, t in zip(prompts, targets):
         prompt_ids = adapter.processor(images=[placeholder], text=[adapter.prompt(p)],
                                        return_tensors="pt")["input_ids"][0]
         answer_ids = torch.tensor(tok(t.strip(), add_special_tokens=False)["input_ids"])
-        rows.append((prompt_ids, answer_ids))
-    length = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id)
-    attention = torch.zeros_like(input_ids)
-    loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, (p, a) in enumerate(rows):
-        n = len(p) + len(a)
-        input_ids[i, :n], attention[i, :n], loss_mask[i, len(p):n] = torch.cat([p, a]), 1, True
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+        sequences.append(torch.cat([prompt_ids, answer_ids]))
+        masks.append(torch.arange(len(sequences[-1])) >= len(prompt_ids))
+    return pad_right(sequences, tok.pad_token_id, masks)
 
 
 def answer_cross_entropy(adapter, batch: dict, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -210,8 +199,31 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
-def invert(model, processor, prompt, target_text, stats=None, config: InversionConfig | None = None,
-           ) -> InversionResult:
+def loss_terms(adapter, pixels: torch.Tensor, batch: dict, stats: dict | None, config: InversionConfig,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """MIMIC's weighted loss terms for one step; terms whose weight is 0 are not computed."""
+    dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
+    view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))  # jitter: no pixel-exact trick survives
+    if config.flip and torch.rand(1, generator=generator) < 0.5:
+        view = view.flip(3)
+    pixel_values = normalize_pixels(adapter, view).to(next(adapter.model.parameters()).dtype)
+    terms = {}
+    if config.ce > 0:
+        terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, pixel_values).mean()
+    if config.feature > 0:
+        terms["feature"] = config.feature * feature_loss(_vision_states(adapter, pixel_values), stats)
+    if config.patch > 0:
+        terms["patch"] = config.patch * patch_boundary_loss(pixels, adapter.patch_size)
+    if config.tv_l1 > 0:
+        terms["tv_l1"] = config.tv_l1 * tv_l1(pixels)
+    if config.tv_l2 > 0:
+        terms["tv_l2"] = config.tv_l2 * tv_l2(pixels)
+    if config.l2 > 0:
+        terms["l2"] = config.l2 * l2_prior(pixels)
+    return terms
+
+
+def invert(adapter, prompt, target_text, stats=None, config: InversionConfig | None = None) -> InversionResult:
     """Optimise images so that the frozen VLM answers `prompt` with `target_text` (str, or lists for a batch).
 
     `stats` are concept statistics (`concept_stats`), one dict or one per target; required when
@@ -219,7 +231,7 @@ def invert(model, processor, prompt, target_text, stats=None, config: InversionC
     and their `requires_grad` flags restored afterwards.
     """
     config = config or InversionConfig()
-    adapter = models.adapter_for(model, processor)
+    model = adapter.model
     prompts, targets = _check_text(prompt, target_text, adapter)
     n = len(targets)
     if config.feature > 0:
@@ -228,14 +240,13 @@ def invert(model, processor, prompt, target_text, stats=None, config: InversionC
                              "shape), or set config.feature = 0")
         stats_list = [stats] * n if isinstance(stats, dict) else list(stats)
         stats = {k: torch.stack([s[k] for s in stats_list]) for k in ("mean", "var")}
-    device, dtype = adapter.device, next(model.parameters()).dtype
-    batch = {k: v.to(device) for k, v in teacher_forced_batch(adapter, prompts, targets).items()}
+    batch = {k: v.to(adapter.device) for k, v in teacher_forced_batch(adapter, prompts, targets).items()}
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     size = adapter.image_size
     pixels = (0.5 + config.init_std * torch.randn(n, 3, size, size, generator=generator)).clamp(0, 1)
-    pixels = pixels.to(device).requires_grad_(True)
+    pixels = pixels.to(adapter.device).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=config.lr, betas=config.betas)
     history = []
     try:
@@ -243,24 +254,7 @@ def invert(model, processor, prompt, target_text, stats=None, config: InversionC
             lr = config.lr * _cosine(step, config.steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
-            view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
-            if config.flip and torch.rand(1, generator=generator) < 0.5:
-                view = view.flip(3)
-            pixel_values = normalize_pixels(adapter, view).to(dtype)
-            terms = {}
-            if config.ce > 0:
-                terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, pixel_values).mean()
-            if config.feature > 0:
-                terms["feature"] = config.feature * feature_loss(_vision_states(adapter, pixel_values), stats)
-            if config.patch > 0:
-                terms["patch"] = config.patch * patch_boundary_loss(pixels, adapter.patch_size)
-            if config.tv_l1 > 0:
-                terms["tv_l1"] = config.tv_l1 * tv_l1(pixels)
-            if config.tv_l2 > 0:
-                terms["tv_l2"] = config.tv_l2 * tv_l2(pixels)
-            if config.l2 > 0:
-                terms["l2"] = config.l2 * l2_prior(pixels)
+            terms = loss_terms(adapter, pixels, batch, stats, config, generator)
             total = sum(terms.values())
             optimizer.zero_grad()
             total.backward()
@@ -269,6 +263,7 @@ def invert(model, processor, prompt, target_text, stats=None, config: InversionC
                 pixels.clamp_(0, 1)
             history.append({"step": step, "total": total.item(), "lr": lr, **{k: v.item() for k, v in terms.items()}})
         with torch.no_grad():
+            dtype = next(model.parameters()).dtype
             ce = answer_cross_entropy(adapter, batch, normalize_pixels(adapter, pixels).to(dtype))
     finally:
         for p, flag in zip(model.parameters(), flags):
@@ -285,14 +280,13 @@ def concept_target(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
-def ablation_grid(model, processor, concepts: list[tuple[str, str]], seeds=(0,), base: InversionConfig | None = None,
+def ablation_grid(adapter, concepts: list[tuple[str, str]], seeds=(0,), base: InversionConfig | None = None,
                   ablations: dict[str, dict] | None = None, classifier=None,
                   prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, dict]:
     """Invert every concept under every ablation and seed; judge each image with the independent classifier,
     the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images."""
     base = base or InversionConfig()
     ablations = ablations or ABLATIONS
-    adapter = models.adapter_for(model, processor)
     judge = classifier or clf.load()
     stats = [concept_stats(adapter, c, s) for c, s in concepts]
     targets = [concept_target(c, s) for c, s in concepts]
@@ -300,7 +294,7 @@ def ablation_grid(model, processor, concepts: list[tuple[str, str]], seeds=(0,),
     for name, overrides in ablations.items():
         for seed in seeds:
             config = replace(base, seed=seed, **overrides)
-            result = invert(model, processor, prompt, targets, stats, config)
+            result = invert(adapter, prompt, targets, stats, config)
             colors, kinds, confidence = clf.predict(judge, clf.to_pixels(result.images))
             captions = adapter.generate(result.images, [prompt] * len(targets))
             for i, (color, shape) in enumerate(concepts):
@@ -309,6 +303,6 @@ def ablation_grid(model, processor, concepts: list[tuple[str, str]], seeds=(0,),
                              "classifier": f"{colors[i]} {kinds[i]}", "recognised": colors[i] == color and
                              kinds[i] == shape, "color_right": colors[i] == color, "shape_right": kinds[i] == shape,
                              "target_probability": result.target_probability[i], "recaption": captions[i],
-                             "recaption_right": captions[i].lower().strip(". ") == targets[i]})
+                             "recaption_right": normalize_answer(captions[i]) == targets[i]})
     return pd.DataFrame(rows), images
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,9 @@ from PIL import Image
 from torch import nn
 
 from . import weights
+from .storage import atomic_path, cache_dir, data_path, sha256_of
 
 EMBEDDED_MODELS = ("shapes-llava",)
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SHAPES_LLAVA_DIR = DATA_DIR / "shapes_llava"
 IMAGE_TOKEN = "<image>"
 # ChatML like SmolLM2's own, without its default system prompt (shorter sequences, same format), and with the
 # llava-hf convention for image items, so `processor.apply_chat_template` works as for llava-hf models.
@@ -315,26 +312,24 @@ def build_shapes_llava(vision_weights: Path | None = None):
     return model.eval(), processor
 
 
+def shapes_llava_dir() -> Path:
+    """The shipped weights, model card and training record of shapes-llava (package data)."""
+    return data_path("shapes_llava")
+
+
 def shapes_llava_checkpoint() -> Path:
     """A save_pretrained folder of shapes-llava in the cache, assembled on first use (keyed by the weights' hash)."""
-    vision_weights = SHAPES_LLAVA_DIR / "vision_projector.safetensors"
+    vision_weights = shapes_llava_dir() / "vision_projector.safetensors"
     if not vision_weights.exists():
-        raise FileNotFoundError(f"{vision_weights} is missing: train it with `python -m vlminterp_utils.train` "
-                                "or restore data/ from the repository")
+        raise FileNotFoundError(f"{vision_weights} is missing: train it with `python -m "
+                                "vlminterp_utils.workshop.train` or reinstall the package, which ships it")
     source = os.environ.get("VLMINTERP_SMOLLM2", "gguf")  # the LLM's source is part of the assembled model
-    key = weights.sha256_of(vision_weights)[:16]
-    target = weights.cache_dir() / f"shapes-llava-{source}-{key}"
-    if (target / "config.json").exists():
-        return target
-    model, processor = build_shapes_llava(vision_weights)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-assembled folder never sits at the cached path
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    target = cache_dir() / f"shapes-llava-{source}-{sha256_of(vision_weights)[:16]}"
+    if not (target / "config.json").exists():
+        model, processor = build_shapes_llava(vision_weights)
+        with atomic_path(target, folder=True) as tmp:  # a half-assembled folder never sits at the cached path
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
     return target
 
 

@@ -1,19 +1,18 @@
 """The default text corpus of LatentLens: sentences about objects, colours, shapes and places, plus distractors.
 
-Generated from templates with a seeded RNG (`python -m vlminterp_utils.corpus` rewrites `data/corpus/`), so the
-corpus is reproducible and its licence is the project's. Readers can pass any text file or `datasets` dataset
-instead (`load_corpus`).
+Generated from templates with a seeded RNG (`python -m vlminterp_utils.workshop.corpus` rewrites
+`data/corpus/`), so the corpus is reproducible and its licence is the project's. Chapter 2 reads it with
+`latentlens.load_corpus`, which also takes any text file or `datasets` dataset instead.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from . import shapes
-
-CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "corpus" / "default_corpus.txt"
+from ..chapters.latentlens import DEFAULT_CORPUS
+from ..core import shapes
+from ..core.storage import data_path, write_text
 
 _PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the corner", "near the edge",
            "in the middle", "next to the frame", "above the line", "below the label"]
@@ -62,29 +61,8 @@ def generate_sentences(n: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def write_default_corpus(path: Path = CORPUS_PATH, n: int = 3000, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("\n".join(generate_sentences(n, seed)) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def load_corpus(source: str | Path | None = None, column: str = "text", limit: int | None = None) -> list[str]:
-    """Sentences from the default corpus, a text file (one sentence per line) or a `datasets.Dataset` column."""
-    if source is None:
-        source = CORPUS_PATH
-    if hasattr(source, "column_names"):  # a datasets.Dataset
-        if column not in source.column_names:
-            raise ValueError(f"the dataset has no column {column!r}; its columns: {source.column_names}")
-        lines = [str(t) for t in source[column][:limit]]
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"no corpus at {path}: give a text file with one sentence per line")
-        lines = path.read_text().splitlines()
-    lines = [line.strip() for line in lines if line.strip()]
-    return lines[:limit] if limit else lines
+def write_default_corpus(path: Path | None = None, n: int = 3000, seed: int = 0) -> Path:
+    return write_text(path or data_path(*DEFAULT_CORPUS), "\n".join(generate_sentences(n, seed)) + "\n")
 
 
 if __name__ == "__main__":

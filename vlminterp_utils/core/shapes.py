@@ -7,6 +7,7 @@ Everything is seeded: example ``i`` of a dataset with seed ``s`` is the same on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -184,14 +185,27 @@ def quadrant(obj: ShapeObject, size: int) -> str:
     return f"{'top' if y < size / 2 else 'bottom'} {'left' if x < size / 2 else 'right'}"
 
 
+class Question(NamedTuple):
+    """A question about a scene, its answer, and the objects (indices into `scene.objects`) it is about.
+
+    `targets` is the ground truth that chapter 1 ablates: the object a VQA or positive polling question names,
+    every object for a caption, the two objects that lend a swapped pair its colour and shape for a binding
+    negative, and none for an ordinary polling negative (the object asked about is absent).
+    """
+
+    question: str
+    answer: str
+    targets: tuple[int, ...]
+
+
 def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
-                  positive: bool | None = None) -> tuple[str, str]:
-    """A (question, answer) pair of the given type about the scene. Answers are short lower-case words.
+                  positive: bool | None = None) -> Question:
+    """A question of the given type about the scene. Answers are short lower-case words.
 
     `positive` fixes a polling (or binding) question's answer (yes/no); by default it is a coin toss.
     """
     if qtype == "caption":
-        return CAPTION_PROMPT, caption(scene)
+        return Question(CAPTION_PROMPT, caption(scene), tuple(range(len(scene.objects))))
     if qtype in ("polling", "binding"):
         positive = rng.random() < 0.5 if positive is None else positive
         return (_polling if qtype == "polling" else _binding)(scene, rng, positive)
@@ -205,11 +219,16 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
         if not lone:  # every quadrant shared: fall back to a colour question
             return make_question(scene, "vqa_color", rng)
         q = lone[rng.integers(len(lone))]
-        return f"What shape is at the {q}?", by_quadrant[q][0].shape
+        obj = by_quadrant[q][0]
+        return Question(f"What shape is at the {q}?", obj.shape, _indices(scene, obj))
     raise ValueError(f"unknown question type {qtype!r}; known types: {', '.join(TRAINING_QUESTION_TYPES)}")
 
 
-def _attribute_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
+def _indices(scene: Scene, *objects: ShapeObject) -> tuple[int, ...]:
+    return tuple(sorted({next(i for i, o in enumerate(scene.objects) if o is obj) for obj in objects}))
+
+
+def _attribute_question(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
     """Ask the colour of a uniquely-shaped object, or the shape of a uniquely-coloured one.
 
     Among at most three distinct (colour, shape) pairs either some shape or some colour is unique, so when the
@@ -219,25 +238,26 @@ def _attribute_question(scene: Scene, qtype: str, rng: np.random.Generator) -> t
     unique_color = [o for o in scene.objects if sum(p.color == o.color for p in scene.objects) == 1]
     if (qtype == "vqa_color" and unique_shape) or not unique_color:
         o = unique_shape[rng.integers(len(unique_shape))]
-        return f"What colour is the {o.shape}?", o.color
+        return Question(f"What colour is the {o.shape}?", o.color, _indices(scene, o))
     o = unique_color[rng.integers(len(unique_color))]
-    return f"What shape is the {o.color} object?", o.shape
+    return Question(f"What shape is the {o.color} object?", o.shape, _indices(scene, o))
 
 
-def _polling(scene: Scene, rng: np.random.Generator, positive: bool) -> tuple[str, str]:
+def _polling(scene: Scene, rng: np.random.Generator, positive: bool) -> Question:
     present = {(o.color, o.shape) for o in scene.objects}
     if positive:
         color, shape = sorted(present)[rng.integers(len(present))]
-        return f"Is there a {color} {shape}?", "yes"
+        named = [o for o in scene.objects if (o.color, o.shape) == (color, shape)]
+        return Question(f"Is there a {color} {shape}?", "yes", _indices(scene, *named))
     # Hard negatives: share the colour or the shape of an object that is there.
     absent = sorted({(c, s) for c in COLORS for s in SHAPES} - present)
     near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
     pool = near if near and rng.random() < 0.7 else absent
     color, shape = pool[rng.integers(len(pool))]
-    return f"Is there a {color} {shape}?", "no"
+    return Question(f"Is there a {color} {shape}?", "no", ())
 
 
-def _binding(scene: Scene, rng: np.random.Generator, positive: bool) -> tuple[str, str]:
+def _binding(scene: Scene, rng: np.random.Generator, positive: bool) -> Question:
     """Polling that a bag of words cannot answer. The negative is a swapped pair: absent, although its colour and
     its shape are both in the scene, on different objects ("a red square?" beside a red circle and a blue square).
     The positive is an object that lends a swapped pair its colour or shape ("a red circle?"). Scenes without a
@@ -247,21 +267,29 @@ def _binding(scene: Scene, rng: np.random.Generator, positive: bool) -> tuple[st
     if not swapped:
         return _polling(scene, rng, positive)
     color, shape = swapped[rng.integers(len(swapped))]
+    donors = [o for o in scene.objects if o.color == color or o.shape == shape]
     if not positive:
-        return f"Is there a {color} {shape}?", "no"
-    donors = sorted(o.name for o in scene.objects if o.color == color or o.shape == shape)
-    return f"Is there a {donors[rng.integers(len(donors))]}?", "yes"
+        return Question(f"Is there a {color} {shape}?", "no", _indices(scene, *donors))
+    named = sorted(donors, key=lambda o: o.name)[rng.integers(len(donors))]
+    return Question(f"Is there a {named.name}?", "yes", _indices(scene, named))
 
 
 # ---------------------------------------------------------------------------------------------- datasets
 
 @dataclass
 class Example:
+    """A scene, a question about it with its answer, and the objects the question is about (`Question`)."""
+
     scene: Scene
     question: str
     answer: str
     qtype: str
     index: int
+    targets: tuple[int, ...] = ()
+
+    @property
+    def target_objects(self) -> list[ShapeObject]:
+        return [self.scene.objects[i] for i in self.targets]
 
 
 def example(seed: int, index: int, qtype: str, size: int = 64,
@@ -272,8 +300,8 @@ def example(seed: int, index: int, qtype: str, size: int = 64,
     rng = np.random.default_rng([seed, index])
     scene = random_scene(rng, size, n_objects)
     scene.seed = (seed, index)
-    question, answer = make_question(scene, qtype, rng, positive)
-    return Example(scene, question, answer, qtype, index)
+    question, answer, targets = make_question(scene, qtype, rng, positive)
+    return Example(scene, question, answer, qtype, index, targets)
 
 
 def make_examples(n: int, seed: int = 0, qtypes: str | tuple[str, ...] = QUESTION_TYPES, size: int = 64,
@@ -295,6 +323,6 @@ def to_hf_dataset(examples: list[Example], patch_size: int = 8):
                 "image": ex.scene.image, "question": ex.question, "answer": ex.answer, "qtype": ex.qtype,
                 "index": ex.index, "colors": [o.color for o in ex.scene.objects],
                 "shapes": [o.shape for o in ex.scene.objects], "boxes": [list(o.box) for o in ex.scene.objects],
-                "cells": [np.argwhere(c).tolist() for c in cells],
+                "cells": [np.argwhere(c).tolist() for c in cells], "targets": list(ex.targets),
             }
     return datasets.Dataset.from_generator(rows)

@@ -1,11 +1,15 @@
-"""Scoring a VLM's answers on the shapes world: exact match per question type, greedy decoding."""
+"""Scoring the embedded model on the shapes world (exact match per question type, greedy), and its model card.
+
+`python -m vlminterp_utils.workshop.evaluation` scores shapes-llava on the held-out set and rewrites its card.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
 
 from tqdm.auto import tqdm
 
-from . import shapes
+from ..core import shapes
+from ..core.readout import normalize_answer as normalize
 
 # Held-out scenes come from seeds far from the training stream (which uses seeds below 1000).
 HELD_OUT_SEED = 10_000
@@ -104,7 +108,7 @@ A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default
   assembles the full model offline.
 
 ## Training recipe
-`python -m vlminterp_utils.train` (fp32, 2 CPU cores), on freshly sampled shapes-world scenes (1 to 3 objects,
+`python -m vlminterp_utils.workshop.train` (fp32, 2 CPU cores), on freshly sampled shapes-world scenes (1 to 3 objects,
 3 shapes x 5 colours, 64 px):
 1. **Vision warm-up**, {first['pretrain_steps']} steps at batch 64: the ViT's mean-pooled tokens predict colour, shape
    and quadrant of each object slot, left to right (no LLM involved). This says nothing about where in the grid
@@ -124,7 +128,7 @@ Wall time: {hours:.2f} h in all on 2 CPU cores (shared with other work). Mean tr
 ## Held-out scores
 Greedy decoding, exact match after lower-casing, {n_per_type} held-out questions per type (seeds from 10000, never
 seen in training; captions on 1-2 object scenes, the rest on 1-3). Reproduce with
-`python -m vlminterp_utils.evaluation --n {n_per_type}`.
+`python -m vlminterp_utils.workshop.evaluation --n {n_per_type}`.
 
 | question type | accuracy | bar |
 | --- | --- | --- |
@@ -187,7 +191,8 @@ def main(argv=None) -> dict:
     import argparse
     import json
 
-    from . import models
+    from ..core import models
+    from ..core.storage import write_text
     parser = argparse.ArgumentParser(description="Score shapes-llava on the held-out set; rewrite its model card")
     parser.add_argument("--n", type=int, default=100, help="held-out questions per type")
     parser.add_argument("--model", default="shapes-llava")
@@ -199,10 +204,8 @@ def main(argv=None) -> dict:
     for r in [r for r in records if not r["correct"]][:20]:
         print(f"  wrong: {r['question']!r} -> {r['prediction']!r} (truth {r['answer']!r})")
     if args.model == "shapes-llava" and not args.no_card:
-        meta = json.loads((models.SHAPES_LLAVA_DIR / "vision_projector.json").read_text())
-        card = models.SHAPES_LLAVA_DIR / "MODEL_CARD.md"
-        card.with_name(card.name + ".partial").write_text(model_card(meta, accuracy, args.n, records))
-        card.with_name(card.name + ".partial").replace(card)
+        meta = json.loads((models.shapes_llava_dir() / "vision_projector.json").read_text())
+        card = write_text(models.shapes_llava_dir() / "MODEL_CARD.md", model_card(meta, accuracy, args.n, records))
         print(f"wrote {card}")
     return accuracy
 

@@ -12,8 +12,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..core import readout, shapes, stats
+from ..core.readout import first_answer_token
 from . import interventions as I
-from . import lenses, shapes
+from . import lenses
 
 METHODS = ("object", "random", "high_norm", "high_gradient")
 SETTINGS = ("vqa", "polling", "generative")
@@ -31,18 +33,12 @@ class Item:
         return self.example.scene.objects[self.target]
 
 
-def target_of(ex: shapes.Example) -> int:
-    """The object a VQA or polling question is about."""
-    objs, q = ex.scene.objects, ex.question
-    for i, o in enumerate(objs):
-        if (q.startswith("What colour is the ") and o.shape in q) or (q.startswith("What shape is the ") and
-                                                                      f" {o.color} " in q):
-            return i
-        if q.startswith("Is there a ") and f"a {o.name}?" in q:
-            return i
-        if q.startswith("What shape is at the ") and shapes.quadrant(o, ex.scene.size) in q:
-            return i
-    raise ValueError(f"question {q!r} names no single object of the scene")
+def single_target(ex: shapes.Example) -> int:
+    """The one object a VQA or positive polling question is about, as the example carries it."""
+    if len(ex.targets) != 1:
+        raise ValueError(f"question {ex.question!r} is about {len(ex.targets)} objects, not one; chapter 1 "
+                         "ablates the tokens of one object per question (VQA, or polling whose answer is yes)")
+    return ex.targets[0]
 
 
 def make_items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
@@ -53,15 +49,11 @@ def make_items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
         exs = [shapes.example(seed, i, "polling", image_size, positive=True) for i in range(n)]
     elif setting == "generative":
         exs = shapes.make_examples(n, seed, "caption", size=image_size, n_objects=(1, 2))
-        rng = np.random.default_rng(seed)
-        return [Item(e, int(rng.integers(len(e.scene.objects)))) for e in exs]
+        rng = np.random.default_rng(seed)  # a caption is about every object: pick one to ablate
+        return [Item(e, e.targets[int(rng.integers(len(e.targets)))]) for e in exs]
     else:
         raise ValueError(f"unknown setting {setting!r}; known settings: {', '.join(SETTINGS)}")
-    return [Item(e, target_of(e)) for e in exs]
-
-
-def first_answer_token(adapter, answer: str) -> int:
-    return adapter.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+    return [Item(e, single_target(e)) for e in exs]
 
 
 def attribution_target(adapter, item: Item) -> tuple[str, int]:
@@ -90,7 +82,7 @@ def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: 
     elif method == "random":
         masks = [I.random_tokens(adapter.n_visual_tokens, int(m.sum()), rng) for m in objects]
     elif method == "high_norm":
-        emb = I.visual_embeddings(adapter, batch)
+        emb = readout.visual_embeddings(adapter, batch)
         masks = [I.high_norm_tokens(e, int(m.sum())) for e, m in zip(emb, objects)]
     elif method == "high_gradient":
         prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
@@ -111,7 +103,7 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
         texts = adapter.tokenizer.batch_decode(captions[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [it.object.name in t.lower() for it, t in zip(items, texts)]
     with torch.no_grad():
-        predicted = I.answer_logits(adapter, batch).argmax(-1).tolist()
+        predicted = readout.answer_logits(adapter, batch).argmax(-1).tolist()
     return [p == first_answer_token(adapter, it.example.answer) for p, it in zip(predicted, items)]
 
 
@@ -128,7 +120,7 @@ def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer
         before += _correct(adapter, chunk, batch, setting)
         with I.ablate(adapter, masks, mode, mean_token=mean_token):
             after += _correct(adapter, chunk, batch, setting)
-    flip, lo, hi = I.bootstrap_ci(before, after, seed=seed)
+    flip, lo, hi = stats.bootstrap_ci(before, after, seed=seed)
     return {"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
             "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi}
 
@@ -169,7 +161,7 @@ def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.
 def answer_probability(adapter, batch: dict, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probability of each item's first answer token, and whether it is the model's top choice."""
     with torch.no_grad():
-        probs = I.answer_logits(adapter, batch).float().softmax(-1)
+        probs = readout.answer_logits(adapter, batch).float().softmax(-1)
     return probs[torch.arange(len(answers)), answers], probs.argmax(-1) == answers
 
 
@@ -196,10 +188,8 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
     rows = []
     for (name, layer), values in drops.items():
         d = torch.cat(values).numpy()
-        mean = d.mean() if len(d) else np.nan
-        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.nan
-        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean,
-                     "ci_low": mean - half, "ci_high": mean + half})
+        mean, lo, hi = stats.mean_interval(d)
+        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows)
 
 
@@ -227,7 +217,7 @@ def lens_views(adapter, example: shapes.Example, word: str, lens=None) -> tuple[
     """For one image: per layer, each patch's logit-lens probability of `word` (layers + 1, rows, cols), and each
     patch's top-1 word per layer (for the explorer and the HTML viewer)."""
     lens = lens or lenses.LogitLens(adapter)
-    states = I.visual_hidden_states(adapter, [example])[:, 0]
+    states = readout.visual_hidden_states(adapter, [example])[:, 0]
     ids = word_token_ids(adapter.tokenizer, word)
     maps, tops = [], []
     for h in states:

@@ -1,4 +1,6 @@
-"""Train shapes-llava's vision tower and projector through the frozen SmolLM2 (`python -m vlminterp_utils.train`).
+"""Train shapes-llava's vision tower and projector through the frozen SmolLM2.
+
+`python -m vlminterp_utils.workshop.train --help`; every option is a field of `TrainConfig`.
 
 Two stages, both on freshly sampled shapes-world scenes:
 1. Vision warm-up (cheap, no LLM): the ViT's mean-pooled tokens predict colour, shape and quadrant of each object
@@ -13,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluation, models, shapes
-from .weights import sha256_of
+from ..core import models, shapes
+from ..core.readout import answer_token_losses, pad_right
+from ..core.storage import atomic_path, sha256_of, write_json
+from . import evaluation
 
 QTYPE_WEIGHTS = {"caption": 0.3, "polling": 0.25, "vqa_color": 0.15, "vqa_shape": 0.15, "vqa_position": 0.15}
 # Curriculum: after `--qa-from` steps, questions that bind a word of the question to one object (polling, VQA)
@@ -79,7 +83,7 @@ def conversation(scene: shapes.Scene, rng: np.random.Generator, max_turns: int =
                  weights: dict[str, float] = QTYPE_WEIGHTS) -> list[tuple[str, str]]:
     n_turns = int(rng.integers(1, max_turns + 1))
     qtypes = rng.choice(list(weights), size=n_turns, p=list(weights.values()))
-    return [shapes.make_question(scene, str(q), rng) for q in qtypes]
+    return [shapes.make_question(scene, str(q), rng)[:2] for q in qtypes]
 
 
 def encode_conversation(adapter, image, turns: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,27 +115,8 @@ def make_batch(adapter, step: int, batch_size: int, seed: int = TRAIN_SEED, max_
         seqs.append(ids)
         masks.append(mask)
         images.append(scene.image)
-    length = max(len(s) for s in seqs)
-    pad = adapter.tokenizer.pad_token_id
-    input_ids = torch.full((batch_size, length), pad)
-    loss_mask = torch.zeros((batch_size, length), dtype=torch.bool)
-    attention = torch.zeros((batch_size, length), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        input_ids[i, :len(s)], loss_mask[i, :len(s)], attention[i, :len(s)] = s, m, 1
     pixels = adapter.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels, "loss_mask": loss_mask}
-
-
-def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
-                        pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every answer token, and the batch row of each; the unembedding runs at answer positions
-    alone (it is 49k wide)."""
-    hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      pixel_values=pixel_values).last_hidden_state
-    predicts = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
-    logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
-    losses = F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")
-    return losses, predicts.nonzero()[:, 0]
+    return {**pad_right(seqs, adapter.tokenizer.pad_token_id, masks), "pixel_values": pixels}
 
 
 def mean_per_answer(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -171,13 +156,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     """safetensors + a JSON side file, each written to a temp name and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    side.with_name(side.name + ".partial").write_text(json.dumps(meta, indent=2))
-    os.replace(side.with_name(side.name + ".partial"), side)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(path.with_suffix(".json"), meta)
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
@@ -203,63 +184,101 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def train(args) -> dict:
-    qa_mix = parse_mix(args.mix) if args.mix else QA_WEIGHTS  # parsed before any work: a typo fails at once
-    torch.manual_seed(args.seed)
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Each field is also a command-line option (`--qa-from` for `qa_from`)."""
+
+    out: str = _option("", "where checkpoints and weights go (default: the shipped data/shapes_llava/)")
+    steps: int = _option(1500, "stage-2 optimisation steps")
+    qa_from: int = _option(700, "stage-2 step from which the QA-heavy mix is used")
+    pretrain_steps: int = _option(1000, "stage-1 vision warm-up steps (0: skip)")
+    batch_size: int = 8
+    lr_vision: float = 3e-4
+    lr_projector: float = 1e-3
+    eval_every: int = 200
+    eval_n: int = _option(20, "held-out examples per question type")
+    ckpt_every: int = 50
+    mix: str | None = _option(None, "question-type weights from qa_from on, e.g. "
+                              "'caption=0.1,polling=0.5,vqa_color=0.4' (default QA_WEIGHTS)")
+    max_turns: int = _option(4, "turns per conversation: 1 to this many")
+    loss_per: str = _option("token", "average the loss over answer tokens ('token') or over answers ('answer')")
+    seed: int = TRAIN_SEED
+    init: str | None = _option(None, "start stage 2 from these vision/projector weights, skipping stage 1")
+    threads: int = _option(0, "torch threads (0: leave torch's default)")
+
+    def __post_init__(self):
+        if self.loss_per not in ("token", "answer"):
+            raise ValueError(f"loss_per must be 'token' or 'answer', not {self.loss_per!r}")
+        self.qa_mix = parse_mix(self.mix) if self.mix else QA_WEIGHTS  # parsed before any work: a typo fails at once
+        if self.init:  # continue from shipped weights: a fresh optimiser, no warm-up stage
+            self.pretrain_steps = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else models.shapes_llava_dir()
+
+
+def train(config: TrainConfig) -> dict:
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model, processor = models.build_shapes_llava()
     adapter = models.adapter_for(model, processor)
     model.requires_grad_(False)
-    ckpt = Path(args.out) / "checkpoint.safetensors"
+    ckpt = config.out_dir / "checkpoint.safetensors"
     started = time.time()
-    if args.init and not ckpt.exists():  # continue from shipped weights (a fresh optimiser, no warm-up stage)
-        unexpected = model.load_state_dict(load_file(args.init), strict=False).unexpected_keys
+    if config.init and not ckpt.exists():
+        unexpected = model.load_state_dict(load_file(config.init), strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"{args.init} does not fit shapes-llava (unexpected weights {unexpected[:3]})")
-        args.pretrain_steps = 0
-        print(f"starting from {args.init}")
-    if not ckpt.exists() and args.pretrain_steps:
+            raise ValueError(f"{config.init} does not fit shapes-llava (unexpected weights {unexpected[:3]})")
+        print(f"starting from {config.init}")
+    if not ckpt.exists() and config.pretrain_steps:
         adapter.vision_tower.requires_grad_(True)
-        pretrain_vision(adapter, args.pretrain_steps, seed=args.seed)
+        pretrain_vision(adapter, config.pretrain_steps, seed=config.seed)
     trainable = list(adapter.vision_tower.parameters()) + list(adapter.projector.parameters())
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([
-        {"params": list(adapter.vision_tower.parameters()), "lr": args.lr_vision},
-        {"params": list(adapter.projector.parameters()), "lr": args.lr_projector}], weight_decay=0.01)
+        {"params": list(adapter.vision_tower.parameters()), "lr": config.lr_vision},
+        {"params": list(adapter.projector.parameters()), "lr": config.lr_projector}], weight_decay=0.01)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     step, history = (load_checkpoint(ckpt, model, optimizer) if ckpt.exists() else (0, []))
     if step:
         print(f"resumed from {ckpt} at step {step}")
         started -= history[-1]["elapsed_s"] if history else 0  # the wall clock continues across resumes
-    held_out = {**evaluation.held_out_set(args.eval_n), "binding": evaluation.binding_set(args.eval_n)}
-    bar = tqdm(range(step, args.steps), desc="stage 2: LLaVA training", initial=step, total=args.steps)
+    held_out = {**evaluation.held_out_set(config.eval_n), "binding": evaluation.binding_set(config.eval_n)}
+    bar = tqdm(range(step, config.steps), desc="stage 2: LLaVA training", initial=step, total=config.steps)
     for step in bar:
         model.train()
-        mix = qa_mix if step >= args.qa_from else QTYPE_WEIGHTS
-        batch = make_batch(adapter, step, args.batch_size, args.seed, args.max_turns, weights=mix)
-        loss = answer_loss(adapter, batch, per=args.loss_per)
+        mix = config.qa_mix if step >= config.qa_from else QTYPE_WEIGHTS
+        batch = make_batch(adapter, step, config.batch_size, config.seed, config.max_turns, weights=mix)
+        loss = answer_loss(adapter, batch, per=config.loss_per)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * _cosine(step, args.steps, warmup=50)
+            g["lr"] = lr * _cosine(step, config.steps, warmup=50)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         record = {"step": step + 1, "loss": loss.item(), "elapsed_s": time.time() - started}
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             model.eval()
             record["eval"], _ = evaluation.accuracy_by_type(adapter, held_out, progress=False)
             print(json.dumps(record), flush=True)
         history.append(record)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
             save_checkpoint(ckpt, model, optimizer, step + 1, history)
     model.eval()
-    meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": args.steps, "qa_from": args.qa_from,
-            "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
-            "lr_vision": args.lr_vision, "lr_projector": args.lr_projector, "max_turns": args.max_turns,
-            "loss_per": args.loss_per, "mix": qa_mix, "history": history,
-            "continued_from": _init_meta(args.init)}
-    save_atomic(trainable_state(model), meta, Path(args.out) / "vision_projector.safetensors")
+    meta = {"vision_config": adapter.config.vision_config.to_dict(), "steps": config.steps,
+            "qa_from": config.qa_from, "batch_size": config.batch_size, "pretrain_steps": config.pretrain_steps,
+            "seed": config.seed, "lr_vision": config.lr_vision, "lr_projector": config.lr_projector,
+            "max_turns": config.max_turns, "loss_per": config.loss_per, "mix": config.qa_mix, "history": history,
+            "continued_from": _init_meta(config.init)}
+    save_atomic(trainable_state(model), meta, config.out_dir / "vision_projector.safetensors")
     return meta
 
 
@@ -288,32 +307,15 @@ def _init_meta(init: str | None) -> dict | None:
     return {"path": str(init), "sha256": digest, **json.loads(side.read_text())}
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """The command line: one option per `TrainConfig` field, with the field's default."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(models.SHAPES_LLAVA_DIR), help="where checkpoints and weights go")
-    parser.add_argument("--steps", type=int, default=1500, help="stage-2 optimisation steps")
-    parser.add_argument("--qa-from", type=int, default=700, help="stage-2 step from which the QA-heavy mix is used")
-    parser.add_argument("--pretrain-steps", type=int, default=1000, help="stage-1 vision warm-up steps (0: skip)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr-vision", type=float, default=3e-4)
-    parser.add_argument("--lr-projector", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--eval-n", type=int, default=20, help="held-out examples per question type")
-    parser.add_argument("--ckpt-every", type=int, default=50)
-    parser.add_argument("--mix", default=None, help="question-type weights from --qa-from on, e.g. "
-                        "'caption=0.1,polling=0.5,vqa_color=0.15,vqa_shape=0.15,vqa_position=0.1' (default QA_WEIGHTS)")
-    parser.add_argument("--max-turns", type=int, default=4, help="turns per conversation: 1 to this many")
-    parser.add_argument("--loss-per", choices=["token", "answer"], default="token",
-                        help="average the cross-entropy over answer tokens, or over answers (short answers weigh more)")
-    parser.add_argument("--seed", type=int, default=TRAIN_SEED)
-    parser.add_argument("--init", default=None,
-                        help="start stage 2 from these vision/projector weights (e.g. data/shapes_llava/"
-                             "vision_projector.safetensors), skipping stage 1; use another --seed for new data")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return train(args)
+    for f in fields(TrainConfig):
+        default = f.default
+        kind = type(default) if default not in (None, "") else str
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                            help=f.metadata.get("help"))
+    return train(TrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

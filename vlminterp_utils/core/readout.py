@@ -1,0 +1,94 @@
+"""Run the model and read it: hidden states, visual tokens, answer logits, answer-token losses.
+
+Every chapter reads the model through these few functions, and training the embedded model uses the same
+answer-token loss as MIMIC's inversion (chapter 3). They work on any model an adapter supports.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool = False):
+    """One forward pass; hidden states of every layer (embeddings first) and attention weights on request."""
+    if attentions and adapter.attn_implementation != "eager":
+        raise ValueError("attention weights need eager attention: model.set_attn_implementation('eager')")
+    return adapter.model(**batch, output_hidden_states=hidden_states, output_attentions=attentions)
+
+
+@torch.no_grad()
+def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
+    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (projector output)."""
+    captured = {}
+    handle = adapter.projector.register_forward_hook(lambda m, i, out: captured.setdefault("x", out))
+    try:
+        adapter.model(**batch)
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+@torch.no_grad()
+def visual_hidden_states(adapter, examples) -> torch.Tensor:
+    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens of `examples`
+    (anything with `.scene.image` and `.question`)."""
+    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
+    hidden = forward(adapter, batch, hidden_states=True).hidden_states
+    pos = adapter.visual_positions(batch["input_ids"])
+    rows = torch.arange(len(examples))[:, None]
+    return torch.stack([h[rows, pos] for h in hidden])
+
+
+def answer_logits(adapter, batch: dict) -> torch.Tensor:
+    """Logits of the first answer token: the last position of every (left-padded) prompt."""
+    return adapter.model(**batch, logits_to_keep=1).logits[:, -1]
+
+
+def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
+                        pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every answer token (`batch["loss_mask"]`), and the batch row of each.
+
+    The unembedding runs at answer positions alone: it is as wide as the vocabulary, and a prompt has far more
+    positions than its answer. Training the embedded model and MIMIC's inversion both use this loss.
+    """
+    hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      pixel_values=pixel_values).last_hidden_state
+    predicts = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
+    logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
+    losses = F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")
+    return losses, predicts.nonzero()[:, 0]
+
+
+def pad_right(sequences: list[torch.Tensor], pad_id: int,
+              masks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences into `input_ids` and `attention_mask` (and `loss_mask`, given per-token masks).
+
+    Right padding keeps every real token at its position in its own sequence, which a causal LM's hidden states
+    depend on; prompts for generation are left-padded instead (`VLMAdapter.inputs`).
+    """
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        input_ids[i, :len(seq)], attention[i, :len(seq)] = torch.as_tensor(seq), 1
+        if masks is not None:
+            loss_mask[i, :len(seq)] = torch.as_tensor(masks[i])
+    out = {"input_ids": input_ids, "attention_mask": attention}
+    return {**out, "loss_mask": loss_mask} if masks is not None else out
+
+
+def first_answer_token(adapter, answer: str) -> int:
+    """The token id an answer starts with, as the model would write it right after the prompt."""
+    return adapter.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+
+
+_EDGES = re.compile(r"^[\s\"'`]+|[\s\"'`.!?,;:]+$")
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower-case, without surrounding whitespace, quotes or final punctuation: 'Red.' -> 'red'."""
+    return _EDGES.sub("", answer.strip().lower())
