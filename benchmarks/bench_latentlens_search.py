@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vlminterp_utils.latentlens import ContextualIndex
+from vlminterp_utils.chapters.latentlens import ContextualIndex
 
 
 def timed(fn, repeat: int = 3) -> float:

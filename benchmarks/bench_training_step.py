@@ -17,7 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vlminterp_utils import models, train
+from vlminterp_utils import models
+from vlminterp_utils.workshop import train
 
 
 def full_logits_loss(adapter, batch):

@@ -38,7 +38,9 @@ def main(argv=None) -> None:
                                    cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False)
         print(f"  done in {time.time() - started:.0f} s", flush=True)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT)], check=True)
+    # -W: a warning fails the build, e.g. a number the prose quotes that the run did not glue.
+    subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT), "-W", "--keep-going"],
+                   check=True)
     print(f"book: {ROOT / '_build' / 'html' / 'index.html'}")
 
 

@@ -39,7 +39,7 @@ def test_cross_layer_merge_keeps_distinct_entries_at_their_best_layer():
     sims = np.array([[0.9, 0.5, 0.8, 0.95, 0.1, 0.0]])
     rows = np.array([[7, 3, 3, 7, 1, -1]])
     layers = np.array([[1, 1, 1, 4, 4, 4]])
-    merged_sims, merged_rows, merged_layers = LL._merge(sims, rows, layers, k=3)
+    merged_sims, merged_rows, merged_layers = LL.merge_layers(sims, rows, layers, k=3)
     assert merged_rows.tolist() == [[7, 3, 1]] and merged_layers.tolist() == [[4, 1, 4]]
     assert np.allclose(merged_sims, [[0.95, 0.8, 0.1]])
 

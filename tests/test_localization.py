@@ -1,7 +1,9 @@
 """Chapter 1: the experiment helpers on a tiny model, and the localization phenomena on shapes-llava."""
+import numpy as np
 import pytest
 import torch
 
+from vlminterp_utils import interventions as I
 from vlminterp_utils import lenses, localization as L, shapes
 from vlminterp_utils.core.readout import first_answer_token
 
@@ -99,3 +101,41 @@ def test_object_to_last_knockout_hurts_far_more_than_non_object_to_last(shapes_l
     # "Far more": the intervals do not overlap and the mean drop is at least twice as large, although the
     # non-object set has several times more tokens.
     assert obj["ci_low"] > non["ci_high"] and obj["drop"] > 2 * non["drop"], df
+
+
+def test_count_matched_controls_select_as_many_tokens_as_the_object(tiny):
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 3, 2, adapter.image_size)
+    batch = adapter.inputs([it.example.scene.image for it in items], [it.example.question for it in items])
+    mean = I.mean_visual_token(adapter, n_images=4, cache=False)
+    rng = np.random.default_rng(0)
+    objects = L.select_tokens(adapter, items, batch, "object", 1, rng, mean)
+    for it, mask in zip(items, objects):
+        assert np.array_equal(mask.numpy(), I.object_tokens(it.example.scene, adapter.patch_size, 1, [it.target]))
+    for method in ("random", "high_norm", "high_gradient"):
+        masks = L.select_tokens(adapter, items, batch, method, 1, rng, mean, ig_steps=2)
+        assert masks.shape == objects.shape and torch.equal(masks.sum(-1), objects.sum(-1)), method
+    with pytest.raises(ValueError, match="known"):
+        L.select_tokens(adapter, items, batch, "loudest", 1, rng, mean)
+
+
+def test_the_ablation_table_has_a_row_per_condition_with_intervals(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    table = L.ablation_table(adapter, settings=("vqa", "polling"), methods=("object", "random"), buffers=(0, 1),
+                             n=4, seed=0)
+    assert len(table) == 2 * 2 * 2
+    assert set(table.columns) >= {"setting", "method", "buffer", "mode", "initially_correct", "flip_rate",
+                                  "ci_low", "ci_high"}
+    judged = table.dropna(subset=["flip_rate"])  # a random tiny model may answer nothing right: NaN, not 0
+    assert ((judged.ci_low <= judged.flip_rate) & (judged.flip_rate <= judged.ci_high)).all()
+    assert (table.initially_correct <= table.n).all()
+
+
+def test_examples_carry_the_object_a_chapter_1_item_is_about():
+    ex = shapes.example(5, 0, "vqa_color")
+    item = L.make_items("vqa", 1, 5, 64)[0]
+    assert item.target == ex.targets[0]
+    negative = shapes.example(0, 1, "polling", positive=False)
+    with pytest.raises(ValueError, match="not one"):
+        L.single_target(negative)

@@ -102,7 +102,7 @@ class ContextualIndex:
             sims.append(np.concatenate(s))
             rows.append(np.concatenate(r))
             from_layer.append(np.full_like(rows[-1], layer))
-        return _merge(*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
+        return merge_layers(*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -152,7 +152,7 @@ class ContextualIndex:
                    meta["seed"], approximate)
 
 
-def _merge(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
+def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
     """The cross-layer merge: per query, the k best distinct entries over all layers, each at its best layer."""
     order = np.argsort(-sims, axis=1, kind="stable")
     out = [np.full((len(sims), k), fill, dtype) for fill, dtype in ((-np.inf, np.float32), (-1, np.int64),

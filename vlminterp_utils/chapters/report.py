@@ -13,6 +13,8 @@ GLUED: dict[str, object] = {}
 
 def glue(name: str, value, display: bool = False):
     """Record `value` under `name` for the chapter's text; returns the value."""
+    if hasattr(value, "item"):  # numpy and torch scalars: glue plain numbers, which the text role can format
+        value = value.item()
     GLUED[name] = value
     try:
         from myst_nb import glue as myst_glue

@@ -208,7 +208,7 @@ def adapter_for(model: nn.Module, processor) -> VLMAdapter:
     family = getattr(model.config, "model_type", None)
     if family not in ADAPTERS:
         raise ValueError(f"model family {family!r} is not supported; supported families: {', '.join(ADAPTERS)}. "
-                         "Add an adapter to vlminterp_utils.models.ADAPTERS for it.")
+                         "Add an adapter to vlminterp_utils.core.models.ADAPTERS for it.")
     return ADAPTERS[family](model, processor)
 
 

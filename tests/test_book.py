@@ -1,0 +1,43 @@
+"""The chapters as files: the conventions a reader and CI rely on, checked without running them."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+GLUE_ROLE = re.compile(r"\{glue(:\w+)?\}`[^`]*`")
+# A typed measurement: a percentage, or a decimal such as 0.75. "95%" names an interval's level, not a result.
+TYPED_NUMBER = re.compile(r"(?<![\w.])(?!95%)\d+(\.\d+)?%|(?<![\w.])0\.\d+")
+
+
+def cells(path, kind):
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == kind]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_book_column(path):
+    long = [line for code in cells(path, "code") for line in code.split("\n") if len(line) > 88]
+    assert not long, long[:3]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_colab_install_cell_then_a_parameters_cell(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "google.colab" in "".join(code[0]["source"])
+    assert "parameters" in code[1]["metadata"].get("tags", [])
+    params = "".join(code[1]["source"])
+    assert "model_id =" in params and "smoke = False" in params and "device =" in params
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_prose_types_no_measured_number(path):
+    for text in cells(path, "markdown"):
+        typed = [m.group(0) for m in TYPED_NUMBER.finditer(GLUE_ROLE.sub("", text))]
+        assert not typed, (typed, text[:200])
+
+
+def test_the_typed_number_rule_can_fail():
+    assert TYPED_NUMBER.search("flips 70% of answers") and TYPED_NUMBER.search("a probability of 0.75")
+    assert not TYPED_NUMBER.search(GLUE_ROLE.sub("", "flips {glue:text}`x:.0%` [95% interval], layer 16"))

@@ -1,0 +1,87 @@
+"""The core's small pieces: atomic writes, cached artefacts, package data, intervals, padding, answers."""
+import numpy as np
+import pytest
+import torch
+
+from vlminterp_utils import readout, stats, storage
+
+
+def test_atomic_path_replaces_the_target_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out.txt"
+    storage.write_text(target, "first")
+    with pytest.raises(RuntimeError, match="midway"):
+        with storage.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("midway")
+    assert target.read_text() == "first"  # the old file survives a failed write ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # ... and nothing half-written is left
+
+
+def test_atomic_folders_replace_an_existing_folder(tmp_path):
+    target = tmp_path / "index"
+    for text in ("one", "two"):
+        with storage.atomic_path(target, folder=True) as tmp:
+            (tmp / "f.txt").write_text(text)
+    assert (target / "f.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_cached_artefacts_are_built_once_per_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": torch.arange(3.0)}
+
+    key = storage.cache_key("model", 3)
+    first = storage.cached_tensors("things", key, build)
+    again = storage.cached_tensors("things", key, build)
+    assert torch.equal(first["x"], again["x"]) and len(calls) == 1
+    storage.cached_tensors("things", storage.cache_key("model", 4), build)
+    assert len(calls) == 2  # another key, another artefact
+    storage.cached_tensors("things", key, build, cache=False)
+    assert len(calls) == 3 and len(list((tmp_path / "things").iterdir())) == 2
+
+
+def test_a_failed_build_leaves_no_cached_artefact(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+
+    def broken():
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        storage.cached_tensors("things", "k", broken)
+    assert not (tmp_path / "things").exists() or not list((tmp_path / "things").iterdir())
+
+
+def test_package_data_is_found():
+    assert storage.data_path("shapes_llava", "vision_projector.safetensors").exists()
+    assert storage.data_path("corpus", "default_corpus.txt").exists()
+
+
+def test_intervals():
+    assert stats.flip_rate([True] * 4, [True, False, False, True]) == 0.5
+    assert np.isnan(stats.flip_rate([False], [False]))
+    mean, lo, hi = stats.bootstrap_mean([1, 0, 1, 1, 0, 1, 1, 1])
+    assert mean == 0.75 and 0 <= lo < 0.75 < hi <= 1
+    assert all(np.isnan(stats.bootstrap_mean([])))
+    low, high = stats.proportion_interval(np.array([0.0, 0.5]), np.array([10, 100]))
+    assert low[0] == 0 and high[0] == 0 and low[1] == pytest.approx(0.5 - 1.96 * 0.05)
+    mean, lo, hi = stats.mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2 and hi - mean == pytest.approx(1.96 / np.sqrt(3))
+    assert np.isnan(stats.mean_interval([1.0])[1])
+
+
+def test_pad_right_keeps_every_token_at_its_position():
+    out = readout.pad_right([[5, 6, 7], [8]], pad_id=0, masks=[[0, 1, 1], [1]])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["loss_mask"].tolist() == [[False, True, True], [True, False, False]]
+    assert "loss_mask" not in readout.pad_right([[1]], pad_id=0)
+
+
+@pytest.mark.parametrize("said, meant", [("Red.", "red"), (" yes", "yes"), ("Yes!", "yes"), ('"circle"', "circle"),
+                                         ("a red circle and a blue square.", "a red circle and a blue square")])
+def test_answers_are_normalised(said, meant):
+    assert readout.normalize_answer(said) == meant
