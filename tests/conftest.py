@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tiny_models import build_tiny_llava
 from vlminterp_utils import models
 
 torch.set_num_threads(2)
@@ -15,7 +16,7 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llava saved with save_pretrained, so loading goes through `load_vlm` like a hub checkpoint."""
-    model, processor = models.build_tiny_llava(tokenizer=smol_tokenizer)
+    model, processor = build_tiny_llava(tokenizer=smol_tokenizer)
     path = tmp_path_factory.mktemp("tiny-llava")
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -35,5 +36,18 @@ def shapes_llava():
 @pytest.fixture(scope="session", params=["eager", "sdpa"])
 def tiny_any_attention(request, smol_tokenizer):
     """The same tiny random Llava under each attention implementation the knockout must handle."""
-    model, processor = models.build_tiny_llava(tokenizer=smol_tokenizer, attn_implementation=request.param)
+    model, processor = build_tiny_llava(tokenizer=smol_tokenizer, attn_implementation=request.param)
     return model, processor, models.adapter_for(model, processor)
+
+
+class GridAdapter(models.VLMAdapter):
+    """An adapter without a model: shapes-llava's geometry (64 px, an 8 x 8 grid of 8 px patches)."""
+
+    def token_regions(self, image_size):
+        from vlminterp_utils.core import geometry
+        return geometry.patch_boxes(8, 8, image_size[0] / 8)
+
+
+@pytest.fixture
+def grid_adapter():
+    return GridAdapter(None, None)

@@ -112,13 +112,14 @@ def test_hooks_are_removed_after_an_exception(tiny):
     _, _, adapter = tiny
     batch, _ = batch_for(adapter)
     visual, last = positions(batch, adapter)
-    modules = [adapter.projector] + [adapter.attention(i) for i in range(adapter.n_layers)]
+    modules = [adapter.model.base_model, adapter.language_model] + [adapter.attention(i)
+                                                                    for i in range(adapter.n_layers)]
     count = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)  # noqa: E731
     before = count()
     with pytest.raises(RuntimeError, match="boom"):
         with I.ablate(adapter, visual[:, :0].new_ones(3, 16), "zero"), \
                 I.attention_knockout(adapter, I.block_matrix(visual.shape[1], last, visual), range(3)):
-            assert count() == before + 1 + 3
+            assert count() == before + 2 + 3  # ablation: two hooks; knockout: one per layer
             raise RuntimeError("boom")
     assert count() == before
 
@@ -152,21 +153,38 @@ def test_integrated_gradients_are_complete(tiny):
     assert torch.allclose(attributions.sum(-1), gap, rtol=0.05, atol=1e-3)
 
 
-def test_token_selections():
+def test_token_selections(grid_adapter):
     scene = shapes.render_scene([("red", "square", 8, 8, 8)])
-    assert np.flatnonzero(I.object_tokens(scene, 8)).tolist() == [9]
-    assert I.object_tokens(scene, 8, buffer=1).sum() == 9
+    assert np.flatnonzero(I.object_tokens(grid_adapter, scene)).tolist() == [9]
+    near = I.object_tokens(grid_adapter, scene, buffer=1)
+    assert near.sum() == 9
     rng = np.random.default_rng(0)
-    random = I.random_tokens(64, 9, rng, exclude=I.object_tokens(scene, 8, buffer=1))
-    assert random.sum() == 9 and not (random & I.object_tokens(scene, 8, buffer=1)).any()
-    assert np.array_equal(random, I.random_tokens(64, 9, np.random.default_rng(0),
-                                                  exclude=I.object_tokens(scene, 8, buffer=1)))
+    random = I.random_tokens(64, 9, rng, exclude=near)
+    assert random.sum() == 9 and not (random & near).any()
+    assert np.array_equal(random, I.random_tokens(64, 9, np.random.default_rng(0), exclude=near))
     emb = torch.ones(64, 4)
     emb[7] *= 100
     assert np.flatnonzero(I.high_norm_tokens(emb)).tolist() == [7]
     assert I.high_norm_tokens(emb, count=3).sum() == 3
+    emb[8] *= 50
+    not_seven = np.arange(64) != 7  # e.g. a row-end token that shows no patch
+    assert np.flatnonzero(I.high_norm_tokens(emb, count=1, candidates=not_seven)).tolist() == [8]
     with pytest.raises(ValueError, match="cannot draw"):
         I.random_tokens(4, 5, rng)
+
+
+def test_visual_tokens_are_read_where_the_llm_receives_them(tiny):
+    """The hook on the LLM's input gives exactly the projector's output at the image-token positions."""
+    _, _, adapter = tiny
+    batch, _ = batch_for(adapter)
+    captured = []
+    handle = adapter.projector.register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            adapter.model(**batch)
+    finally:
+        handle.remove()
+    assert torch.equal(visual_embeddings(adapter, batch), captured[0])
 
 
 def test_layer_windows_and_presets():

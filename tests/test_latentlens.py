@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import build_tiny_llava
 from vlminterp_utils import latentlens as LL, lenses, models, shapes
 
 
@@ -86,7 +87,7 @@ def test_corrupt_and_mismatched_indexes_are_rejected(index, tmp_path, tiny, smol
     path = index.save(tmp_path / "idx")
     with pytest.raises(ValueError, match="not the requested"):
         LL.ContextualIndex.load(path, layers=[1, 2])
-    other, processor = models.build_tiny_llava(hidden=48, tokenizer=smol_tokenizer)
+    other, processor = build_tiny_llava(hidden=48, tokenizer=smol_tokenizer)
     with pytest.raises(ValueError, match="hidden size 32"):
         LL.ContextualIndex.load(path, adapter=models.adapter_for(other, processor))
     meta = json.loads((path / "index.json").read_text())

@@ -12,8 +12,8 @@ def scene():
     return shapes.render_scene([("red", "square", 8, 8, 16), ("blue", "circle", 40, 40, 16)])
 
 
-def test_patch_kinds_follow_the_masks(scene):
-    kinds, owner = lenses.patch_kinds(scene, 8)
+def test_patch_kinds_follow_the_masks(scene, grid_adapter):
+    kinds, owner = lenses.patch_kinds(grid_adapter, scene)
     grid = kinds.reshape(8, 8)
     assert (grid[1:3, 1:3] == "object").all() and (owner.reshape(8, 8)[1:3, 1:3] == 0).all()
     assert (grid[5:7, 5:7] == "object").all() and (owner.reshape(8, 8)[5:7, 5:7] == 1).all()

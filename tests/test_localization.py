@@ -54,7 +54,7 @@ def test_word_token_ids_and_lens_views(tiny):
     assert ids and all(adapter.tokenizer.decode([i]).strip().lower() == "red" for i in ids)
     example = shapes.example(0, 0, "caption", size=adapter.image_size)
     maps, tops = L.lens_views(adapter, example, "red")
-    assert maps.shape == (adapter.n_layers + 1, *adapter.grid)
+    assert maps.shape == (adapter.n_layers + 1, adapter.n_visual_tokens)
     assert ((maps >= 0) & (maps <= 1)).all()
     assert len(tops) == adapter.n_layers + 1 and len(tops[0]) == adapter.n_visual_tokens
 
@@ -111,7 +111,7 @@ def test_count_matched_controls_select_as_many_tokens_as_the_object(tiny):
     rng = np.random.default_rng(0)
     objects = L.select_tokens(adapter, items, batch, "object", 1, rng, mean)
     for it, mask in zip(items, objects):
-        assert np.array_equal(mask.numpy(), I.object_tokens(it.example.scene, adapter.patch_size, 1, [it.target]))
+        assert np.array_equal(mask.numpy(), I.object_tokens(adapter, it.example.scene, 1, [it.target]))
     for method in ("random", "high_norm", "high_gradient"):
         masks = L.select_tokens(adapter, items, batch, method, 1, rng, mean, ig_steps=2)
         assert masks.shape == objects.shape and torch.equal(masks.sum(-1), objects.sum(-1)), method

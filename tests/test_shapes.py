@@ -11,24 +11,6 @@ def square_at(x0, y0, side, size=64):
     return shapes.render_scene([("red", "square", x0, y0, side)], size=size).objects[0]
 
 
-def test_square_aligned_to_one_patch_covers_exactly_that_cell():
-    cells = shapes.mask_to_cells(square_at(8, 16, 8).mask, 8)
-    assert cells.shape == (8, 8)
-    assert np.argwhere(cells).tolist() == [[2, 1]]
-
-
-def test_square_straddling_patches_covers_all_touched_cells():
-    # pixels 4..11 in x and y touch patches 0 and 1 in both directions
-    cells = shapes.mask_to_cells(square_at(4, 4, 8).mask, 8)
-    assert sorted(map(tuple, np.argwhere(cells))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-
-
-def test_one_pixel_overlap_counts():
-    # pixels 8..16 in x: column 16 is the first pixel of patch 2
-    cells = shapes.mask_to_cells(square_at(8, 8, 9).mask, 8)
-    assert sorted(map(tuple, np.argwhere(cells))) == [(1, 1), (1, 2), (2, 1), (2, 2)]
-
-
 def test_circle_and_triangle_masks_are_inside_their_box():
     scene = shapes.render_scene([("blue", "circle", 2, 2, 20), ("green", "triangle", 30, 30, 20)])
     circle, triangle = scene.objects
@@ -43,34 +25,6 @@ def test_circle_and_triangle_masks_are_inside_their_box():
     assert abs(triangle.mask.sum() - 200) < 25
 
 
-def test_dilation_is_chebyshev_and_clipped():
-    cells = np.zeros((8, 8), bool)
-    cells[3, 3] = True
-    assert shapes.dilate_cells(cells, 0).sum() == 1
-    assert shapes.dilate_cells(cells, 1).sum() == 9
-    assert shapes.dilate_cells(cells, 2).sum() == 25
-    corner = np.zeros((8, 8), bool)
-    corner[0, 0] = True
-    assert np.argwhere(shapes.dilate_cells(corner, 1)).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
-    with pytest.raises(ValueError, match="buffer"):
-        shapes.dilate_cells(cells, -1)
-
-
-def test_object_cells_with_buffers_grow_and_background_is_the_complement():
-    scene = shapes.example(3, 7, "caption").scene
-    c0, c1, c2 = (scene.object_cells(8, b) for b in (0, 1, 2))
-    for a, b in zip(c0, c1):
-        assert (a <= b).all() and b.sum() > a.sum()
-    for a, b in zip(c1, c2):
-        assert (a <= b).all()
-    assert (scene.background_cells(8) == ~np.logical_or.reduce(c0)).all()
-
-
-def test_odd_sized_image_gets_a_clear_error():
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        shapes.mask_to_cells(np.zeros((60, 60), bool), 8)
-
-
 def test_scenes_have_distinct_non_overlapping_objects_in_left_to_right_order():
     for i in range(200):
         scene = shapes.example(1, i, "caption").scene
@@ -81,7 +35,7 @@ def test_scenes_have_distinct_non_overlapping_objects_in_left_to_right_order():
         assert xs == sorted(xs) and all(b - a >= 0.16 * 64 - 1 for a, b in zip(xs, xs[1:]))
         total = np.sum([o.mask for o in objs], axis=0)
         assert total.max() == 1
-        assert all(c.any() for c in scene.object_cells(8))
+        assert all(o.mask.any() for o in objs)
 
 
 def test_caption_names_objects_left_to_right():
@@ -150,7 +104,7 @@ def test_seeding_is_reproducible_and_seeds_differ():
 def test_size_is_configurable_and_ground_truth_scales():
     scene = shapes.example(0, 0, "caption", size=336).scene
     assert scene.image.size == (336, 336)
-    assert scene.object_cells(14)[0].shape == (24, 24)
+    assert scene.objects[0].mask.shape == (336, 336)
 
 
 def test_unknown_question_type_and_colour_are_rejected_clearly():
@@ -165,6 +119,6 @@ def test_unknown_question_type_and_colour_are_rejected_clearly():
 def test_hf_dataset_has_ground_truth_columns():
     ds = shapes.to_hf_dataset(shapes.make_examples(6, seed=0))
     assert len(ds) == 6
-    assert {"image", "question", "answer", "qtype", "colors", "shapes", "boxes", "cells"} <= set(ds.column_names)
+    assert {"image", "question", "answer", "qtype", "colors", "shapes", "boxes", "targets"} <= set(ds.column_names)
     row = ds[0]
-    assert len(row["colors"]) == len(row["shapes"]) == len(row["cells"])
+    assert len(row["colors"]) == len(row["shapes"]) == len(row["boxes"])

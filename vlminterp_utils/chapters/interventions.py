@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import shapes
-from ..core.readout import answer_logits, visual_embeddings
+from ..core.readout import answer_logits, edit_visual_inputs, visual_embeddings
 from ..core.storage import cache_key, cached_tensors
 
 MEAN_TOKEN_SEED = 20_000  # scenes for the dataset-mean visual token: disjoint from training and evaluation
@@ -21,28 +21,23 @@ MEAN_TOKEN_SEED = 20_000  # scenes for the dataset-mean visual token: disjoint f
 
 # ---------------------------------------------------------------------------------------------- ablation
 
-@contextmanager
 def replace_visual_tokens(adapter, token_mask: torch.Tensor, value: torch.Tensor):
-    """Within the block, visual tokens where `token_mask` (batch, n_visual) is True are replaced by `value`.
+    """Within the block (a context manager), visual tokens where `token_mask` (batch, n_visual) is True are
+    replaced by `value`: a vector (d_model,), or per token (n_visual, d_model) or (batch, n_visual, d_model).
 
-    `value` is a vector (d_model,), or per token (n_visual, d_model) or (batch, n_visual, d_model). The hook
-    sits on the projector's output, which runs once per prompt (prefill), so generated tokens are untouched.
+    The replacement happens where the LLM receives the visual tokens, once per prompt, so generated tokens are
+    untouched.
     """
     token_mask = torch.as_tensor(token_mask, dtype=torch.bool)
 
-    def hook(module, inputs, out):
-        if token_mask.shape != out.shape[:2]:
+    def swap(visual):
+        if token_mask.shape != visual.shape[:2]:
             raise ValueError(f"token mask {tuple(token_mask.shape)} does not match the visual tokens "
-                             f"{tuple(out.shape[:2])} (batch, n_visual)")
-        v = value.to(out.dtype).to(out.device).expand_as(out)
-        mask = token_mask.to(out.device)[..., None]
-        return torch.where(mask, v, out)
+                             f"{tuple(visual.shape[:2])} (batch, n_visual)")
+        v = value.to(visual.dtype).to(visual.device).expand_as(visual)
+        return torch.where(token_mask.to(visual.device)[..., None], v, visual)
 
-    handle = adapter.projector.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return edit_visual_inputs(adapter, swap)
 
 
 def ablate(adapter, token_mask, mode: str | torch.Tensor = "mean", mean_token: torch.Tensor | None = None):
@@ -59,7 +54,8 @@ def ablate(adapter, token_mask, mode: str | torch.Tensor = "mean", mean_token: t
 
 def mean_visual_token(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, batch_size: int = 16,
                       cache: bool = True) -> torch.Tensor:
-    """The dataset-mean visual token over held-out shapes-world scenes (all positions), cached as safetensors."""
+    """The dataset-mean visual token over held-out shapes-world scenes (every token that shows a patch), cached as
+    safetensors."""
     fingerprint = float(next(adapter.projector.parameters()).double().sum())  # retrained weights: a new key
     key = cache_key(adapter.config.name_or_path, n_images, seed, adapter.image_size, fingerprint)
 
@@ -69,7 +65,7 @@ def mean_visual_token(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, 
             exs = [shapes.example(seed, i, "caption", size=adapter.image_size)
                    for i in range(start, min(start + batch_size, n_images))]
             batch = adapter.inputs([e.scene.image for e in exs], [e.question for e in exs])
-            emb = visual_embeddings(adapter, batch).float()
+            emb = visual_embeddings(adapter, batch).float()[:, adapter.patch_tokens(exs[0].scene.image.size)]
             total = emb.sum((0, 1)) if total is None else total + emb.sum((0, 1))
             count += emb.shape[0] * emb.shape[1]
         return {"mean": (total / count).cpu()}
@@ -79,12 +75,12 @@ def mean_visual_token(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, 
 
 # ---------------------------------------------------------------------------------------------- token selection
 
-def object_tokens(scene: shapes.Scene, patch_size: int, buffer: int = 0,
-                  objects: Sequence[int] | None = None) -> np.ndarray:
-    """(n_visual,) bool, row-major like the patch sequence: the tokens of the chosen objects, dilated by `buffer`."""
-    cells = scene.object_cells(patch_size, buffer)
-    chosen = range(len(cells)) if objects is None else objects
-    return np.logical_or.reduce([cells[i] for i in chosen]).ravel()
+def object_tokens(adapter, scene: shapes.Scene, buffer: int = 0, objects: Sequence[int] | None = None) -> np.ndarray:
+    """(n_visual,) bool, in sequence order: the tokens that show the chosen objects (all by default), grown by
+    `buffer` tokens on every side, found through the processor's own transforms (`core.geometry`)."""
+    chosen = range(len(scene.objects)) if objects is None else objects
+    mask = np.logical_or.reduce([scene.objects[i].mask for i in chosen])
+    return adapter.object_tokens(mask, buffer)
 
 
 def random_tokens(n_visual: int, count: int, rng: np.random.Generator,
@@ -98,14 +94,16 @@ def random_tokens(n_visual: int, count: int, rng: np.random.Generator,
     return mask
 
 
-def high_norm_tokens(embeddings: torch.Tensor, count: int | None = None) -> np.ndarray:
-    """Tokens with outlying norms ('registers'): norm > mean + 2 std over the image, or the `count` largest."""
+def high_norm_tokens(embeddings: torch.Tensor, count: int | None = None,
+                     candidates: np.ndarray | None = None) -> np.ndarray:
+    """Tokens with outlying norms ('registers'): norm > mean + 2 std over the image, or the `count` largest;
+    only among `candidates` when given (e.g. the tokens that show a patch)."""
     norms = embeddings.float().norm(dim=-1).cpu().numpy()
+    candidates = np.ones(len(norms), bool) if candidates is None else np.asarray(candidates, bool)
     if count is None:
-        return norms > norms.mean() + 2 * norms.std()
-    mask = np.zeros(len(norms), bool)
-    mask[np.argsort(-norms)[:count]] = True
-    return mask
+        pool = norms[candidates]
+        return candidates & (norms > pool.mean() + 2 * pool.std())
+    return top_k_mask(torch.as_tensor(np.where(candidates, norms, -np.inf)), count)
 
 
 def integrated_gradients(adapter, batch: dict, answer_ids: torch.Tensor, baseline: torch.Tensor,
@@ -121,18 +119,15 @@ def integrated_gradients(adapter, batch: dict, answer_ids: torch.Tensor, baselin
     rows = torch.arange(real.shape[0], device=real.device)
     for alpha in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:
         point = (base + alpha * (real - base)).detach().requires_grad_(True)
-        handle = adapter.projector.register_forward_hook(lambda m, i, o: point)
-        try:
-            with torch.enable_grad():
-                logits = answer_logits(adapter, batch)
-                logits[rows, answer_ids.to(real.device)].sum().backward()
-        finally:
-            handle.remove()
+        with edit_visual_inputs(adapter, lambda visual: point), torch.enable_grad():
+            logits = answer_logits(adapter, batch)
+            logits[rows, answer_ids.to(real.device)].sum().backward()
         grads += point.grad.float()
     return ((real - base).float() * grads / steps).sum(-1)
 
 
 def top_k_mask(scores: torch.Tensor, count: int) -> np.ndarray:
+    """The `count` highest-scoring tokens (ties in the order of the tokens)."""
     mask = np.zeros(scores.shape[-1], bool)
     mask[np.argsort(-scores.detach().cpu().numpy())[:count]] = True
     return mask

@@ -110,15 +110,17 @@ def names_background(words) -> bool:
 
 # ---------------------------------------------------------------------------------------------- readings
 
-def patch_kinds(scene: shapes.Scene, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (row-major): 'object', 'ring' (within one cell of an object) or 'background', and the index of
-    the object an object patch shows (-1 otherwise; where two objects share a patch, the first)."""
-    cells = scene.object_cells(patch_size, 0)
-    near = np.logical_or.reduce(scene.object_cells(patch_size, 1)).ravel()
-    owner = np.full(cells[0].size, -1)
-    for i in reversed(range(len(cells))):
-        owner[cells[i].ravel()] = i
-    kinds = np.where(owner >= 0, "object", np.where(near, "ring", "background"))
+def patch_kinds(adapter, scene: shapes.Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Per visual token: 'object', 'ring' (within one token of an object), 'background', or 'none' (a token that
+    shows no patch), and the index of the object an object token shows (-1 otherwise; where two objects share a
+    token, the first)."""
+    touched = [adapter.object_tokens(o.mask) for o in scene.objects]
+    near = np.logical_or.reduce([adapter.object_tokens(o.mask, 1) for o in scene.objects])
+    owner = np.full(len(near), -1)
+    for i in reversed(range(len(touched))):
+        owner[touched[i]] = i
+    patch = adapter.patch_tokens(scene.image.size)
+    kinds = np.where(~patch, "none", np.where(owner >= 0, "object", np.where(near, "ring", "background")))
     return kinds, owner
 
 
@@ -132,7 +134,7 @@ def patch_readings(adapter, lens, examples: list[shapes.Example], k: int = 5, la
                       leave=False):
         chunk = examples[start:start + batch_size]
         states = visual_hidden_states(adapter, chunk)
-        info = [patch_kinds(ex.scene, adapter.patch_size) for ex in chunk]
+        info = [patch_kinds(adapter, ex.scene) for ex in chunk]
         for layer in layers:
             words = lens.describe(states[layer], layer=layer, k=k)
             for j, (patch_words, (kinds, owner)) in enumerate(zip(words, info)):

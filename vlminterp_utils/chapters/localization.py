@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core import readout, shapes, stats
+from ..core import geometry, readout, shapes, stats
 from ..core.readout import first_answer_token
 from . import interventions as I
 from . import lenses
@@ -76,20 +76,22 @@ def attribution_target(adapter, item: Item) -> tuple[str, int]:
 def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
                   baseline: torch.Tensor, ig_steps: int = 8) -> torch.Tensor:
     """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones."""
-    objects = [I.object_tokens(it.example.scene, adapter.patch_size, buffer, [it.target]) for it in items]
+    objects = [I.object_tokens(adapter, it.example.scene, buffer, [it.target]) for it in items]
+    patches = [adapter.patch_tokens(it.example.scene.image.size) for it in items]  # never a row-end token
     if method == "object":
         masks = objects
     elif method == "random":
-        masks = [I.random_tokens(adapter.n_visual_tokens, int(m.sum()), rng) for m in objects]
+        masks = [I.random_tokens(len(m), int(m.sum()), rng, exclude=~p) for m, p in zip(objects, patches)]
     elif method == "high_norm":
         emb = readout.visual_embeddings(adapter, batch)
-        masks = [I.high_norm_tokens(e, int(m.sum())) for e, m in zip(emb, objects)]
+        masks = [I.high_norm_tokens(e, int(m.sum()), p) for e, m, p in zip(emb, objects, patches)]
     elif method == "high_gradient":
         prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
         target_batch = adapter.inputs([it.example.scene.image for it in items],
                                       [it.example.question for it in items], list(prefixes))
         scores = I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs()
-        masks = [I.top_k_mask(s, int(m.sum())) for s, m in zip(scores, objects)]
+        masks = [I.top_k_mask(s.masked_fill(~torch.as_tensor(p), -1.0), int(m.sum()))
+                 for s, m, p in zip(scores, objects, patches)]
     else:
         raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")
     return torch.as_tensor(np.stack(masks))
@@ -145,11 +147,11 @@ def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.
     visual_pos = adapter.visual_positions(ids)
     obj = torch.zeros_like(ids, dtype=torch.bool)
     last_row = torch.zeros_like(obj)
-    rows, cols = adapter.grid
     for b, it in enumerate(items):
-        cells = torch.as_tensor(I.object_tokens(it.example.scene, adapter.patch_size, 1, [it.target]))
-        obj[b, visual_pos[b][cells]] = True
-        last_row[b, visual_pos[b][(rows - 1) * cols:]] = True
+        tokens = torch.as_tensor(I.object_tokens(adapter, it.example.scene, 1, [it.target]))
+        bottom = torch.as_tensor(geometry.bottom_row(adapter.token_regions(it.example.scene.image.size)))
+        obj[b, visual_pos[b][tokens]] = True
+        last_row[b, visual_pos[b][bottom]] = True
     visual = ids == adapter.image_token_id
     last = torch.zeros_like(obj)
     last[:, -1] = True
@@ -214,14 +216,14 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
 
 @torch.no_grad()
 def lens_views(adapter, example: shapes.Example, word: str, lens=None) -> tuple[np.ndarray, list[list[str]]]:
-    """For one image: per layer, each patch's logit-lens probability of `word` (layers + 1, rows, cols), and each
-    patch's top-1 word per layer (for the explorer and the HTML viewer)."""
+    """For one image: per layer, each visual token's logit-lens probability of `word` (layers + 1, n_visual),
+    and each token's top-1 word per layer (for the explorer and the HTML viewer)."""
     lens = lens or lenses.LogitLens(adapter)
     states = readout.visual_hidden_states(adapter, [example])[:, 0]
     ids = word_token_ids(adapter.tokenizer, word)
     maps, tops = [], []
     for h in states:
         probs = lens.scores(h)
-        maps.append(probs[:, ids].sum(-1).reshape(adapter.grid).cpu().numpy())
+        maps.append(probs[:, ids].sum(-1).cpu().numpy())
         tops.append([lens.word(i) for i in probs.argmax(-1).tolist()])
     return np.stack(maps), tops

@@ -1,4 +1,8 @@
-"""Figures the chapters share: scenes with their patch grid, token sequences, image grids."""
+"""Figures the chapters share: scenes with their visual tokens' patches, token sequences, image grids.
+
+Figures over an image take `regions = adapter.token_regions(image.size)`: the box each visual token shows, so the
+same code draws a square grid, a centre-cropped one, or LLaVA-NeXT's base grid (`shown=adapter.display_tokens(...)`).
+"""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -6,20 +10,28 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 
-def show_patch_grid(image, grid: tuple[int, int], cells: np.ndarray | None = None, ax=None,
-                    title: str | None = None, color: str = "black"):
-    """The image with its visual-token grid drawn on it; `cells` (rows, cols bool) are outlined."""
+def _shown(regions: np.ndarray, shown) -> np.ndarray:
+    """Indices of the tokens to draw: those in `shown` (bool mask) that show a patch."""
+    valid = ~np.isnan(regions).any(1)
+    return np.flatnonzero(valid if shown is None else valid & np.asarray(shown, bool))
+
+
+def show_patch_grid(image, regions: np.ndarray, selected: np.ndarray | None = None, ax=None,
+                    title: str | None = None, color: str = "black", shown=None):
+    """The image with the patch of every visual token outlined (`regions`: `adapter.token_regions(image.size)`);
+    tokens where `selected` is True are outlined in `color`. `shown` picks the tokens to draw (one grid)."""
     ax = ax or plt.subplots(figsize=(3.2, 3.2))[1]
     w, h = image.size
-    rows, cols = grid
     ax.imshow(image, extent=(0, w, h, 0))
-    for r in range(1, rows):
-        ax.axhline(r * h / rows, color="white", lw=0.6, alpha=0.8)
-    for c in range(1, cols):
-        ax.axvline(c * w / cols, color="white", lw=0.6, alpha=0.8)
-    if cells is not None:
-        for r, c in zip(*np.nonzero(cells)):
-            ax.add_patch(Rectangle((c * w / cols, r * h / rows), w / cols, h / rows, fill=False, ec=color, lw=1.5))
+    for i in _shown(regions, shown):
+        x0, y0, x1, y1 = regions[i]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=0.5, alpha=0.8))
+    if selected is not None:
+        for i in _shown(regions, selected):
+            x0, y0, x1, y1 = regions[i]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -98,43 +110,56 @@ def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title:
     return ax
 
 
-def patch_heatmaps(image, maps: np.ndarray, titles: list[str], vmax: float | None = None, cmap: str = "magma"):
-    """Per-patch values (n_maps, rows, cols) drawn over the image, one panel each; returns the figure."""
+def patch_heatmaps(image, maps: np.ndarray, titles: list[str], regions: np.ndarray, vmax: float | None = None,
+                   cmap: str = "magma", shown=None):
+    """Per-token values (n_maps, n_visual) drawn over each token's patch of the image, one panel each."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import Normalize
+
     n = len(maps)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.1 * (n + 1), 2.4))
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=8)
     w, h = image.size
-    vmax = vmax if vmax is not None else float(np.max(maps))
+    idx = _shown(regions, shown)
+    vmax = vmax if vmax is not None else float(np.max(np.asarray(maps)[:, idx]))
+    norm = Normalize(0, vmax if vmax > 0 else 1)
     for ax, m, t in zip(axes[1:], maps, titles):
         ax.imshow(image, extent=(0, w, h, 0))
-        shown = ax.imshow(m, extent=(0, w, h, 0), cmap=cmap, alpha=0.75, vmin=0, vmax=vmax)
+        boxes = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in regions[idx]]
+        cells = PatchCollection(boxes, cmap=cmap, norm=norm, alpha=0.75, linewidth=0)
+        cells.set_array(np.asarray(m)[idx])
+        ax.add_collection(cells)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
         ax.set_title(t, fontsize=8)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes, fraction=0.02)
+    fig.colorbar(cells, ax=axes, fraction=0.02)
     return fig
 
 
-def _word_grid(ax, image, words, grid):
-    rows, cols = grid
+def _word_grid(ax, image, words, regions, shown=None):
     w, h = image.size
     ax.imshow(image, extent=(0, w, h, 0), alpha=0.45)
-    for p, word in enumerate(words):
-        r, c = divmod(p, cols)
-        ax.text((c + 0.5) * w / cols, (r + 0.5) * h / rows, word, ha="center", va="center", fontsize=6)
+    for i in _shown(regions, shown):
+        x0, y0, x1, y1 = regions[i]
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, words[i], ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def lens_explorer(image, words_per_layer: list[list[str]], grid: tuple[int, int], title: str = "logit lens"):
+def lens_explorer(image, words_per_layer: list[list[str]], regions: np.ndarray, title: str = "logit lens",
+                  shown=None):
     """An ipywidgets slider over layers showing each patch's top word on the image."""
     import ipywidgets as widgets
 
     def show(layer):
         fig, ax = plt.subplots(figsize=(5, 5))
-        _word_grid(ax, image, words_per_layer[layer], grid)
+        _word_grid(ax, image, words_per_layer[layer], regions, shown)
         ax.set_title(f"{title}: layer {layer}", fontsize=9)
         plt.show()
 
@@ -142,7 +167,8 @@ def lens_explorer(image, words_per_layer: list[list[str]], grid: tuple[int, int]
                                                           continuous_update=False))
 
 
-def lens_html(image, words_per_layer: list[list[str]], grid: tuple[int, int], path, title: str = "logit lens"):
+def lens_html(image, words_per_layer: list[list[str]], regions: np.ndarray, path, title: str = "logit lens",
+              shown=None):
     """A standalone HTML viewer (no server, no Python): the image, a layer slider and each patch's top word."""
     import base64
     import io
@@ -150,31 +176,37 @@ def lens_html(image, words_per_layer: list[list[str]], grid: tuple[int, int], pa
 
     from ..core.storage import write_text
 
+    side = 512
     buf = io.BytesIO()
-    image.resize((512, 512), 0).save(buf, format="PNG")
-    rows, cols = grid
+    image.resize((side, side), 0).save(buf, format="PNG")
+    w, h = image.size
+    idx = _shown(regions, shown)
+    boxes = [[round(v, 1) for v in (x0 * side / w, y0 * side / h, (x1 - x0) * side / w, (y1 - y0) * side / h)]
+             for x0, y0, x1, y1 in regions[idx]]
+    words = [[layer[i] for i in idx] for layer in words_per_layer]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body{{font-family:sans-serif}} #g{{position:relative;width:512px;height:512px;
+body{{font-family:sans-serif}} #g{{position:relative;width:{side}px;height:{side}px;
 background:url(data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()});}}
-#g div{{position:absolute;width:{512 / cols}px;height:{512 / rows}px;display:flex;align-items:center;
+#g div{{position:absolute;display:flex;align-items:center;
 justify-content:center;font-size:11px;background:rgba(255,255,255,.45);outline:1px solid rgba(0,0,0,.15)}}
 </style></head><body><h3>{title}</h3>
 <label>layer <input id="s" type="range" min="0" max="{len(words_per_layer) - 1}" value="0"> <span id="l">0</span>
 </label><div id="g"></div><script>
-const W={json.dumps(words_per_layer)}, R={rows}, C={cols}, g=document.getElementById('g');
-function draw(k){{g.innerHTML='';W[k].forEach((w,p)=>{{const d=document.createElement('div');
-d.style.left=(p%C)*512/C+'px';d.style.top=Math.floor(p/C)*512/R+'px';d.textContent=w;g.appendChild(d);}});
-document.getElementById('l').textContent=k;}}
+const W={json.dumps(words)}, B={json.dumps(boxes)}, g=document.getElementById('g');
+function draw(k){{g.innerHTML='';W[k].forEach((w,p)=>{{const d=document.createElement('div'),b=B[p];
+d.style.left=b[0]+'px';d.style.top=b[1]+'px';d.style.width=b[2]+'px';d.style.height=b[3]+'px';
+d.textContent=w;g.appendChild(d);}});document.getElementById('l').textContent=k;}}
 document.getElementById('s').oninput=e=>draw(+e.target.value);draw(0);
 </script></body></html>"""
     return write_text(path, page)
 
 
-def word_grids(image, words_by_name: dict[str, list[str]], grid: tuple[int, int], suptitle: str | None = None):
+def word_grids(image, words_by_name: dict[str, list[str]], regions: np.ndarray, suptitle: str | None = None,
+               shown=None):
     """Side by side, each patch's top word under several lenses; returns the figure."""
     fig, axes = plt.subplots(1, len(words_by_name), figsize=(5 * len(words_by_name), 5))
     for ax, (name, words) in zip(np.atleast_1d(axes), words_by_name.items()):
-        _word_grid(ax, image, words, grid)
+        _word_grid(ax, image, words, regions, shown)
         ax.set_title(name, fontsize=10)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import weights
+from . import geometry, weights
 from .storage import atomic_path, cache_dir, data_path, sha256_of
 
 EMBEDDED_MODELS = ("shapes-llava",)
@@ -67,12 +67,32 @@ class VLMAdapter:
         counts = is_visual.sum(-1)
         if (counts == 0).any() or (counts != counts[0]).any():
             raise ValueError(f"every sequence needs the same, non-zero number of image tokens; got {counts.tolist()}."
-                             " Put exactly one image (and one <image> placeholder) in each prompt.")
-        n = int(counts[0])
-        if n != self.n_visual_tokens:
-            raise ValueError(f"found {n} image tokens per sequence but the patch grid {self.grid} has "
-                             f"{self.n_visual_tokens}; this model family needs its own adapter")
-        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], n)
+                             " Put exactly one image (and one <image> placeholder) in each prompt, and give every "
+                             "image of a batch the same size.")
+        self.check_visual_count(int(counts[0]))
+        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+
+    def check_visual_count(self, n: int) -> None:
+        """Refuse a count of image tokens this adapter cannot map to image regions."""
+
+    # ------------------------------------------------------------------------------------------ geometry
+    def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
+        """(n_visual, 4): the box `(x0, y0, x1, y1)`, in the original image's pixels, that each visual token
+        shows, in sequence order; NaN for tokens that show no patch (see `core.geometry`)."""
+        raise NotImplementedError
+
+    def object_tokens(self, mask: np.ndarray, buffer: int = 0) -> np.ndarray:
+        """(n_visual,) bool: the visual tokens that a pixel mask of the original image touches, grown by `buffer`."""
+        h, w = np.asarray(mask).shape
+        return geometry.tokens_touching(mask, self.token_regions((w, h)), buffer)
+
+    def patch_tokens(self, image_size: tuple[int, int]) -> np.ndarray:
+        """(n_visual,) bool: which visual tokens show a patch of the image (not a row end or a CLS token)."""
+        return ~np.isnan(self.token_regions(image_size)).any(1)
+
+    def display_tokens(self, image_size: tuple[int, int]) -> np.ndarray:
+        """(n_visual,) bool: the tokens a figure draws over the image (one grid, no overlapping tiles)."""
+        return self.patch_tokens(image_size)
 
     # The pieces below are found, not addressed: HF's accessors and the config say where they are.
     @property
@@ -182,8 +202,34 @@ class LlavaAdapter(VLMAdapter):
 
     @property
     def grid(self) -> tuple[int, int]:
+        """Rows and columns of patches; a remainder of pixels (384 px in 14 px patches) is seen by no patch."""
         side = self.image_size // self.patch_size
         return side, side
+
+    @property
+    def strategy(self) -> str:
+        return self.config.vision_feature_select_strategy
+
+    @property
+    def extra_tokens(self) -> int:
+        """Visual tokens before the patches that show none (a CLS token kept by the "full" strategy)."""
+        cls = int(getattr(self.processor, "num_additional_image_tokens", 0) or 0)
+        return cls if self.strategy == "full" else 0
+
+    @property
+    def n_visual_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * cols + self.extra_tokens
+
+    def check_visual_count(self, n: int) -> None:
+        if n != self.n_visual_tokens:
+            raise ValueError(f"found {n} image tokens per sequence but the patch grid {self.grid} has "
+                             f"{self.n_visual_tokens}; this model family needs its own adapter")
+
+    def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
+        boxes = geometry.resize_crop_regions(image_size, self.processor.image_processor, self.image_size,
+                                             self.patch_size)
+        return np.concatenate([np.full((self.extra_tokens, 4), np.nan), boxes])
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -201,7 +247,35 @@ def component_sizes(adapter: LlavaAdapter) -> dict[str, int]:
     return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
 
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter}
+class LlavaNextAdapter(LlavaAdapter):
+    """`LlavaNextForConditionalGeneration` (LLaVA-NeXT, "anyres"): the base image's grid, then a grid over tiles
+    of a larger canvas with a row-end token after each row. The number of visual tokens depends on the image's
+    size; `grid` is the base image's."""
+
+    family = "llava_next"
+
+    @property
+    def n_visual_tokens(self) -> int:
+        raise AttributeError("LLaVA-NeXT's number of visual tokens depends on the image: use "
+                             "len(adapter.token_regions(image.size))")
+
+    def check_visual_count(self, n: int) -> None:
+        pass  # any count: it depends on the image size; token_regions says which token is what
+
+    def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
+        if self.strategy != "default" and self.extra_tokens:
+            raise ValueError("LLaVA-NeXT with a CLS token kept ('full' strategy) is not supported")
+        return geometry.anyres_regions(image_size, self.config.image_grid_pinpoints, self.image_size,
+                                       self.patch_size, newline=True)
+
+    def display_tokens(self, image_size: tuple[int, int]) -> np.ndarray:
+        rows, cols = self.grid
+        shown = np.zeros(len(self.token_regions(image_size)), bool)
+        shown[:rows * cols] = True  # the base image's grid, which covers the whole image once
+        return shown
+
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}
 
 
 def adapter_for(model: nn.Module, processor) -> VLMAdapter:
@@ -343,34 +417,3 @@ def smollm2_tokenizer():
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def build_tiny_llava(image_size: int = 32, patch_size: int = 8, n_layers: int = 3, hidden: int = 32,
-                     attn_implementation: str = "eager", seed: int = 0, tokenizer=None):
-    """A tiny randomly initialised `LlavaForConditionalGeneration` and its processor, for tests and experiments.
-
-    Another grid (4x4 by default), another depth and width than shapes-llava: code that hard-codes any of
-    shapes-llava's numbers fails on it.
-    """
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    tokenizer = tokenizer or smollm2_tokenizer()
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
-                              intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
-        IMAGE_TOKEN), vision_feature_layer=-1, vision_feature_select_strategy="default",
-        image_seq_length=(image_size // patch_size) ** 2)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.requires_grad_(False)
-    image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                               patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
-    return model, processor

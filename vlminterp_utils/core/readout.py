@@ -6,6 +6,8 @@ answer-token loss as MIMIC's inversion (chapter 3). They work on any model an ad
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +21,51 @@ def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool 
     return adapter.model(**batch, output_hidden_states=hidden_states, output_attentions=attentions)
 
 
+@contextmanager
+def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Within the block, the visual tokens of every prompt, as the LLM receives them (batch, n_visual, d_model),
+    pass through `edit`, which returns their replacement (or None to leave them).
+
+    The hooks sit where every model family hands its merged sequence to the LLM, and find the visual tokens from
+    `input_ids == image_token_id`, so they work whatever the projector's output shape (LLaVA-NeXT's tiles). Only
+    a forward pass whose `input_ids` hold image tokens is edited: tokens generated afterwards are untouched.
+    """
+    state = {}
+
+    def find_positions(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        has_image = ids is not None and bool((ids == adapter.image_token_id).any())
+        state["positions"] = adapter.visual_positions(ids) if has_image else None
+
+    def replace(module, args, kwargs):
+        positions, embeds = state.get("positions"), kwargs.get("inputs_embeds")
+        if positions is None or embeds is None:
+            return None
+        rows = torch.arange(embeds.shape[0], device=embeds.device)[:, None]
+        new = edit(embeds[rows, positions])
+        if new is None:
+            return None
+        embeds = embeds.clone()
+        embeds[rows, positions] = new.to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds
+        return args, kwargs
+
+    handles = [adapter.model.base_model.register_forward_pre_hook(find_positions, with_kwargs=True),
+               adapter.language_model.register_forward_pre_hook(replace, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
-    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (projector output)."""
-    captured = {}
-    handle = adapter.projector.register_forward_hook(lambda m, i, out: captured.setdefault("x", out))
-    try:
+    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (after the projector)."""
+    captured = []
+    with edit_visual_inputs(adapter, lambda visual: captured.append(visual.detach())):  # appends, returns None
         adapter.model(**batch)
-    finally:
-        handle.remove()
-    return captured["x"]
+    return captured[0]
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """The shapes world: synthetic scenes with exact ground truth, the test bed of every chapter.
 
-A scene holds 1 to 3 coloured shapes on a light background. Every object knows its pixel mask, its box and the
-visual-token grid cells it covers, so that "the tokens at the object's position" is a fact, not a guess.
+A scene holds 1 to 3 coloured shapes on a light background. Every object knows its pixel mask and its box; a model's
+adapter maps the mask to the visual tokens that show it (`VLMAdapter.object_tokens`), so that "the tokens at the
+object's position" is a fact, not a guess.
 Everything is seeded: example ``i`` of a dataset with seed ``s`` is the same on every machine.
 """
 from __future__ import annotations
@@ -57,36 +58,6 @@ class Scene:
     @property
     def size(self) -> int:
         return self.image.size[0]
-
-    def object_cells(self, patch_size: int, buffer: int = 0) -> list[np.ndarray]:
-        """Per object, a (rows, cols) bool grid of the visual-token cells it covers, dilated by `buffer`."""
-        return [dilate_cells(mask_to_cells(o.mask, patch_size), buffer) for o in self.objects]
-
-    def background_cells(self, patch_size: int) -> np.ndarray:
-        cells = [mask_to_cells(o.mask, patch_size) for o in self.objects]
-        return ~np.logical_or.reduce(cells)
-
-
-def mask_to_cells(mask: np.ndarray, patch_size: int) -> np.ndarray:
-    """Grid cells of `patch_size` pixels that a pixel mask touches (any overlap counts)."""
-    h, w = mask.shape
-    if patch_size <= 0 or h % patch_size or w % patch_size:
-        raise ValueError(
-            f"image of {h}x{w} pixels does not split into whole patches of {patch_size}: "
-            "use an image size that is a multiple of the patch size")
-    rows, cols = h // patch_size, w // patch_size
-    return mask.reshape(rows, patch_size, cols, patch_size).any(axis=(1, 3))
-
-
-def dilate_cells(cells: np.ndarray, buffer: int) -> np.ndarray:
-    """Chebyshev dilation: every cell within `buffer` rows and columns of a marked cell, clipped to the grid."""
-    if buffer < 0:
-        raise ValueError(f"buffer must be >= 0, got {buffer}")
-    out = cells.copy()
-    rows, cols = cells.shape
-    for r, c in zip(*np.nonzero(cells)):
-        out[max(r - buffer, 0):r + buffer + 1, max(c - buffer, 0):c + buffer + 1] = True
-    return out
 
 
 def _shape_mask(shape: str, size: int, x0: int, y0: int, s: int) -> np.ndarray:
@@ -312,17 +283,17 @@ def make_examples(n: int, seed: int = 0, qtypes: str | tuple[str, ...] = QUESTIO
             for i in range(n)]
 
 
-def to_hf_dataset(examples: list[Example], patch_size: int = 8):
-    """The examples as a `datasets.Dataset`, with ground truth as plain columns."""
+def to_hf_dataset(examples: list[Example]):
+    """The examples as a `datasets.Dataset`, with ground truth as plain columns (boxes in pixels, the question's
+    target objects as indices into them)."""
     import datasets
 
     def rows():
         for ex in examples:
-            cells = ex.scene.object_cells(patch_size)
             yield {
                 "image": ex.scene.image, "question": ex.question, "answer": ex.answer, "qtype": ex.qtype,
                 "index": ex.index, "colors": [o.color for o in ex.scene.objects],
                 "shapes": [o.shape for o in ex.scene.objects], "boxes": [list(o.box) for o in ex.scene.objects],
-                "cells": [np.argwhere(c).tolist() for c in cells], "targets": list(ex.targets),
+                "targets": list(ex.targets),
             }
     return datasets.Dataset.from_generator(rows)

@@ -1,0 +1,102 @@
+"""Tiny random checkpoints, built by the tests (no hub): they stand in for real model families."""
+import torch
+
+from vlminterp_utils import models
+
+
+def build_tiny_llava(image_size: int = 32, patch_size: int = 8, n_layers: int = 3, hidden: int = 32,
+                     attn_implementation: str = "eager", seed: int = 0, tokenizer=None):
+    """A tiny randomly initialised `LlavaForConditionalGeneration` and its processor, for tests and experiments.
+
+    Another grid (4x4 by default), another depth and width than shapes-llava: code that hard-codes any of
+    shapes-llava's numbers fails on it.
+    """
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tokenizer = tokenizer or models.smollm2_tokenizer()
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                              intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
+        models.IMAGE_TOKEN), vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.requires_grad_(False)
+    image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=models.CHAT_TEMPLATE,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token=models.IMAGE_TOKEN)
+    return model, processor
+
+
+def _text_config(kind: str, tokenizer, hidden: int, n_layers: int):
+    from transformers import LlamaConfig, Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    return cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+               num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: int = 3, seed: int = 0):
+    """A tiny random checkpoint shaped like a real llava-hf family, and its processor:
+
+    - "llava-1.5": a CLIP tower at 336 px in 14 px patches (24 x 24), features from layer -2, resize + centre crop,
+      a Llama LM ("default" strategy: the CLS token dropped);
+    - "llava-interleave": a SigLIP tower at 384 px in 14 px patches (27 x 27 over 378 px), "full" strategy,
+      a Qwen2 LM;
+    - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
+      row-end tokens, a Llama LM.
+    """
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
+                              SiglipImageProcessorPil, SiglipVisionConfig)
+    tokenizer = tokenizer or models.smollm2_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(models.IMAGE_TOKEN)
+    small = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2)
+    common = dict(tokenizer=tokenizer, chat_template=models.CHAT_TEMPLATE, image_token=models.IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    if family == "llava-1.5":
+        config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **small),
+                             text_config=_text_config("llama", tokenizer, hidden, n_layers),
+                             image_token_id=image_token_id, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_seq_length=576)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                do_center_crop=True)
+        processor = LlavaProcessor(image_processor=image_processor, patch_size=14, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy="default", **common)
+    elif family == "llava-interleave":
+        config = LlavaConfig(vision_config=SiglipVisionConfig(image_size=384, patch_size=14, **small),
+                             text_config=_text_config("qwen2", tokenizer, hidden, n_layers),
+                             image_token_id=image_token_id, vision_feature_layer=-1,
+                             vision_feature_select_strategy="full", image_seq_length=729)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = SiglipImageProcessorPil(size={"height": 384, "width": 384})
+        processor = LlavaProcessor(image_processor=image_processor, patch_size=14, num_additional_image_tokens=0,
+                                   vision_feature_select_strategy="full", **common)
+    elif family == "llava-next":
+        pinpoints = [[56, 112], [112, 56], [112, 112]]
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **small),
+                                 text_config=_text_config("llama", tokenizer, hidden, n_layers),
+                                 image_token_id=image_token_id, vision_feature_layer=-1,
+                                 vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                     image_grid_pinpoints=pinpoints, do_center_crop=True)
+        processor = LlavaNextProcessor(image_processor=image_processor, patch_size=14, num_additional_image_tokens=1,
+                                       vision_feature_select_strategy="default", **common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next")

@@ -1,0 +1,135 @@
+"""Where each visual token looks: the region of the original image it covers, and which tokens an object touches.
+
+A visual token is one patch of the image *as the vision tower receives it*, after the processor's resize, centre
+crop, or (LLaVA-NeXT) tiling. Mapping that patch back through the processor's transforms gives a box in the
+original image's pixels: `(x0, y0, x1, y1)`, ends exclusive. Tokens that show no patch (LLaVA-NeXT's row-end
+tokens, a CLS token kept by the "full" strategy) get a row of NaN. Pixels that no patch sees (a crop's margins, the
+last pixels of a 384 px image cut into 14 px patches) lie in no box, so they belong to no token.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def patch_boxes(rows: int, cols: int, patch: float) -> np.ndarray:
+    """(rows * cols, 4) boxes of a row-major grid of square patches, in the vision tower's input pixels."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([c * patch, r * patch, (c + 1) * patch, (r + 1) * patch], axis=1).astype(float)
+
+
+def resized_size(width: int, height: int, size: dict) -> tuple[int, int]:
+    """The (width, height) a HF image processor resizes to, for its `size` setting."""
+    if "shortest_edge" in size:  # the short side to this length, the aspect ratio kept (CLIP)
+        short, long = sorted((width, height))
+        new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    if "height" in size and "width" in size:  # a fixed size, aspect ratio not kept (SigLIP, shapes-llava)
+        return int(size["width"]), int(size["height"])
+    raise ValueError(f"unsupported resize setting {size}; expected 'shortest_edge' or 'height' and 'width'")
+
+
+def size_setting(size) -> dict:
+    """A processor's size setting as a plain dict of the keys that are set (HF's SizeDict or a dict)."""
+    keys = ("height", "width", "shortest_edge")
+    items = size.items() if isinstance(size, dict) else ((k, getattr(size, k, None)) for k in keys)
+    return {k: v for k, v in items if k in keys and v is not None}
+
+
+def resize_crop_regions(image_size: tuple[int, int], image_processor, side: int, patch: int) -> np.ndarray:
+    """Boxes, in original pixels, of the patches of one square model input made by resize (+ centre crop)."""
+    width, height = image_size
+    size = size_setting(getattr(image_processor, "size", None) or {}) or {"height": side, "width": side}
+    rw, rh = resized_size(width, height, size) if getattr(image_processor, "do_resize", True) else (width, height)
+    left = top = 0
+    if getattr(image_processor, "do_center_crop", False):
+        crop = size_setting(getattr(image_processor, "crop_size", None) or {}) or {"height": side, "width": side}
+        left, top = (rw - crop["width"]) // 2, (rh - crop["height"]) // 2
+    boxes = patch_boxes(side // patch, side // patch, patch)  # floor: a remainder of pixels is seen by no patch
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] + left) * width / rw
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] + top) * height / rh
+    return boxes
+
+
+def select_best_resolution(height: int, width: int, resolutions) -> tuple[int, int]:
+    """LLaVA-NeXT's choice of tiling canvas: the most effective resolution, then the least wasted (as HF)."""
+    best, best_effective, best_waste = None, 0, math.inf
+    for h, w in resolutions:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (h, w), effective, waste
+    return best
+
+
+def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch: int,
+                   newline: bool = True) -> np.ndarray:
+    """Boxes of every LLaVA-NeXT visual token in sequence order: the base image's grid, then the tiles' grid
+    (padding rows or columns removed, as the model does), one NaN row-end token after each of its rows."""
+    width, height = image_size
+    n = side // patch
+    base = patch_boxes(n, n, patch)
+    base[:, [0, 2]] *= width / side
+    base[:, [1, 3]] *= height / side
+    canvas_h, canvas_w = select_best_resolution(height, width, grid_pinpoints)
+    # resize into the canvas keeping the aspect ratio, then paste at its centre (HF's _resize/_pad_for_patching)
+    if canvas_w / width < canvas_h / height:
+        new_w, new_h = canvas_w, min(math.ceil(height * canvas_w / width), canvas_h)
+    else:
+        new_w, new_h = min(math.ceil(width * canvas_h / height), canvas_w), canvas_h
+    paste_x, paste_y = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+    rows, cols = canvas_h // side * n, canvas_w // side * n
+    # the model's unpad_image, on the token grid
+    if width / height > cols / rows:
+        kept = int(round(height * cols / width, 7))
+        pad = (rows - kept) // 2
+        keep_rows, keep_cols = range(pad, rows - pad), range(cols)
+    else:
+        kept = int(round(width * rows / height, 7))
+        pad = (cols - kept) // 2
+        keep_rows, keep_cols = range(rows), range(pad, cols - pad)
+    tiles = []
+    for r in keep_rows:
+        for c in keep_cols:
+            x0, y0 = c * patch - paste_x, r * patch - paste_y
+            tiles.append([x0 * width / new_w, y0 * height / new_h, (x0 + patch) * width / new_w,
+                          (y0 + patch) * height / new_h])
+        if newline:
+            tiles.append([np.nan] * 4)
+    return np.concatenate([base, np.array(tiles, float)])
+
+
+def tokens_touching(mask: np.ndarray, regions: np.ndarray, buffer: int = 0) -> np.ndarray:
+    """(n_tokens,) bool: tokens whose box, grown by `buffer` box widths on every side, holds a pixel of `mask`.
+
+    A pixel belongs to a box when its centre does. On a regular grid, growing by `buffer` boxes is the Chebyshev
+    dilation of the touched cells by `buffer` cells. NaN boxes (tokens that are no patch) touch nothing.
+    """
+    if buffer < 0:
+        raise ValueError(f"buffer must be >= 0, got {buffer}")
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    out = np.zeros(len(regions), bool)
+    valid = ~np.isnan(regions).any(1)
+    boxes = regions[valid]
+    grow = buffer * np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    # pixel j is inside [x0, x1) when its centre j + 0.5 is: j from ceil(x0 - 0.5) to ceil(x1 - 0.5) - 1
+    x0 = np.clip(np.ceil(boxes[:, 0] - grow[:, 0] - 0.5), 0, w).astype(int)
+    x1 = np.clip(np.ceil(boxes[:, 2] + grow[:, 0] - 0.5), 0, w).astype(int)
+    y0 = np.clip(np.ceil(boxes[:, 1] - grow[:, 1] - 0.5), 0, h).astype(int)
+    y1 = np.clip(np.ceil(boxes[:, 3] + grow[:, 1] - 0.5), 0, h).astype(int)
+    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    out[valid] = counts > 0
+    return out
+
+
+def bottom_row(regions: np.ndarray) -> np.ndarray:
+    """(n_tokens,) bool: the patches along the bottom edge of what the vision tower sees (its last grid row)."""
+    valid = ~np.isnan(regions).any(1)
+    bottom = np.where(valid, regions[:, 3], -np.inf)
+    heights = regions[valid, 3] - regions[valid, 1]
+    return valid & (bottom > bottom.max() - heights.min() / 2)
