@@ -85,3 +85,17 @@ def test_pad_right_keeps_every_token_at_its_position():
                                          ("a red circle and a blue square.", "a red circle and a blue square")])
 def test_answers_are_normalised(said, meant):
     assert readout.normalize_answer(said) == meant
+
+
+def test_the_answer_token_after_a_prefix_keeps_its_space(smol_tokenizer):
+    adapter = type("A", (), {"tokenizer": smol_tokenizer})()
+    plain = readout.first_answer_token(adapter, "red")
+    after = readout.first_answer_token(adapter, "red", prefix="It is")
+    assert smol_tokenizer.decode([plain]) == "red" and smol_tokenizer.decode([after]) == " red"
+
+
+@pytest.mark.parametrize("said, right", [("Yes", True), (" yes", True), (" Yes", True), (" No", False), ("Y", False)])
+def test_a_first_token_says_yes_in_any_casing(smol_tokenizer, said, right):
+    adapter = type("A", (), {"tokenizer": smol_tokenizer})()
+    token = smol_tokenizer(said, add_special_tokens=False)["input_ids"][0]
+    assert readout.same_word(adapter, token, readout.first_answer_token(adapter, "yes")) == right

@@ -139,3 +139,20 @@ def test_examples_carry_the_object_a_chapter_1_item_is_about():
     negative = shapes.example(0, 1, "polling", positive=False)
     with pytest.raises(ValueError, match="not one"):
         L.single_target(negative)
+
+
+def test_nothing_answered_right_is_said_plainly(tiny, monkeypatch, tmp_path):
+    """A random tiny model answers no question right: the table holds NaN and a warning says why and what to do."""
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    with pytest.warns(UserWarning, match="answered correctly before the intervention.*question_suffix"):
+        table = L.ablation_table(adapter, settings=("vqa",), methods=("object",), buffers=(1,), n=3)
+    assert table.initially_correct.iloc[0] == 0 and np.isnan(table.flip_rate.iloc[0])
+    assert "vqa question of 3" in L.explain_unanswered(table)
+
+
+def test_items_carry_a_models_answer_style():
+    items = L.make_items("vqa", 2, 0, 64, question_suffix=" Answer with one word.", answer_prefix="It is")
+    assert items[0].question.endswith("? Answer with one word.") and items[0].answer_prefix == "It is"
+    captions = L.make_items("generative", 2, 0, 64, question_suffix=" x", answer_prefix="y")
+    assert captions[0].question == shapes.CAPTION_PROMPT and captions[0].answer_prefix == ""

@@ -5,6 +5,7 @@ chapter shows them and the phenomenon tests assert on them.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import geometry, readout, shapes, stats
-from ..core.readout import first_answer_token
+from ..core.readout import first_answer_token, same_word
 from . import interventions as I
 from . import lenses
 
@@ -23,14 +24,26 @@ SETTINGS = ("vqa", "polling", "generative")
 
 @dataclass
 class Item:
-    """A question about one target object of a scene."""
+    """A question about one target object of a scene, asked in a model's own answer style."""
 
     example: shapes.Example
     target: int  # index into example.scene.objects
+    question_suffix: str = ""  # e.g. " Answer with one word." (LLaVA-1.5's short-answer prompt)
+    answer_prefix: str = ""  # what the answer starts with, e.g. "It is a" (Neo et al.)
 
     @property
     def object(self) -> shapes.ShapeObject:
         return self.example.scene.objects[self.target]
+
+    @property
+    def question(self) -> str:
+        return self.example.question + self.question_suffix
+
+
+def batch_of(adapter, items: list[Item], prefixes: list[str] | None = None) -> dict:
+    """The processor batch of some items: their images, questions and answer prefixes."""
+    prefixes = prefixes if prefixes is not None else [it.answer_prefix for it in items]
+    return adapter.inputs([it.example.scene.image for it in items], [it.question for it in items], prefixes)
 
 
 def single_target(ex: shapes.Example) -> int:
@@ -41,8 +54,20 @@ def single_target(ex: shapes.Example) -> int:
     return ex.targets[0]
 
 
-def make_items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
-    """`n` items for a setting: VQA (colour/shape questions), polling (present objects: 'yes'), generative."""
+def make_items(setting: str, n: int, seed: int, image_size: int, question_suffix: str = "",
+               answer_prefix: str = "") -> list[Item]:
+    """`n` items for a setting: VQA (colour/shape questions), polling (present objects: 'yes'), generative.
+
+    A real model answers in its own style ("The circle is red."): `question_suffix` and `answer_prefix` make it
+    answer with the word the chapter scores (captions are generated whole, without them)."""
+    items = _items(setting, n, seed, image_size)
+    if setting != "generative":
+        for it in items:
+            it.question_suffix, it.answer_prefix = question_suffix, answer_prefix
+    return items
+
+
+def _items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
     if setting == "vqa":
         exs = shapes.make_examples(n, seed, ("vqa_color", "vqa_shape"), size=image_size)
     elif setting == "polling":
@@ -63,7 +88,7 @@ def attribution_target(adapter, item: Item) -> tuple[str, int]:
     after the caption's words before it (teacher-forced), since a caption's first token is just 'a'.
     """
     if item.example.qtype != "caption":
-        return "", first_answer_token(adapter, item.example.answer)
+        return item.answer_prefix, first_answer_token(adapter, item.example.answer, item.answer_prefix)
     caption = item.example.answer
     start = caption.index(f"a {item.object.name}")
     colour_token = adapter.tokenizer(f"{caption[:start + 1]} {item.object.color}",
@@ -87,8 +112,7 @@ def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: 
         masks = [I.high_norm_tokens(e, int(m.sum()), p) for e, m, p in zip(emb, objects, patches)]
     elif method == "high_gradient":
         prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
-        target_batch = adapter.inputs([it.example.scene.image for it in items],
-                                      [it.example.question for it in items], list(prefixes))
+        target_batch = batch_of(adapter, items, list(prefixes))
         scores = I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs()
         masks = [I.top_k_mask(s.masked_fill(~torch.as_tensor(p), -1.0), int(m.sum()))
                  for s, m, p in zip(scores, objects, patches)]
@@ -106,7 +130,8 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
         return [it.object.name in t.lower() for it, t in zip(items, texts)]
     with torch.no_grad():
         predicted = readout.answer_logits(adapter, batch).argmax(-1).tolist()
-    return [p == first_answer_token(adapter, it.example.answer) for p, it in zip(predicted, items)]
+    return [same_word(adapter, p, first_answer_token(adapter, it.example.answer, it.answer_prefix))
+            for p, it in zip(predicted, items)]
 
 
 def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
@@ -117,25 +142,46 @@ def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer
     before, after = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = adapter.inputs([it.example.scene.image for it in chunk], [it.example.question for it in chunk])
+        batch = batch_of(adapter, chunk)
         masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token)
         before += _correct(adapter, chunk, batch, setting)
         with I.ablate(adapter, masks, mode, mean_token=mean_token):
             after += _correct(adapter, chunk, batch, setting)
     flip, lo, hi = stats.bootstrap_ci(before, after, seed=seed)
+    if not any(before):
+        warnings.warn(unanswered_note(setting, len(items)), stacklevel=2)
     return {"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
             "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi}
 
 
+def unanswered_note(setting: str, n: int) -> str:
+    return (f"no {setting} question of {n} was answered correctly before the intervention, so no flip can be "
+            "measured (NaN). Look at a few answers with adapter.generate(...): a real model may answer in "
+            "sentences. Set question_suffix (e.g. ' Answer with one word.') or answer_prefix (e.g. 'It is'), or use "
+            "more items.")
+
+
+def explain_unanswered(table: pd.DataFrame) -> str:
+    """A plain sentence for every setting whose rows are NaN because nothing was answered right to begin with."""
+    empty = table[table.initially_correct == 0]
+    return "\n".join(unanswered_note(s, int(g.n.iloc[0])) for s, g in empty.groupby("setting", sort=False))
+
+
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
-                   n: int = 64, seed: int = 0) -> pd.DataFrame:
+                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "") -> pd.DataFrame:
+    """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode."""
     mean_token = I.mean_visual_token(adapter)
     rows = []
     jobs = [(s, m, b, mo) for s in settings for b in buffers for mo in modes for m in methods]
     for setting, method, buffer, mode in tqdm(jobs, desc="ablations"):
-        items = make_items(setting, n, seed, adapter.image_size)
-        rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, mean_token=mean_token))
-    return pd.DataFrame(rows)
+        items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once per setting below, not once per row
+            rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, mean_token=mean_token))
+    table = pd.DataFrame(rows)
+    if note := explain_unanswered(table):
+        warnings.warn(note, stacklevel=2)
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- knockout
@@ -164,7 +210,18 @@ def answer_probability(adapter, batch: dict, answers: torch.Tensor) -> tuple[tor
     """Probability of each item's first answer token, and whether it is the model's top choice."""
     with torch.no_grad():
         probs = readout.answer_logits(adapter, batch).float().softmax(-1)
-    return probs[torch.arange(len(answers)), answers], probs.argmax(-1) == answers
+    answers = answers.to(probs.device)
+    return probs[torch.arange(len(answers), device=probs.device), answers], probs.argmax(-1) == answers
+
+
+def models_own_answer(adapter, batch: dict, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the answer token to follow: the model's own top token where it says the answer (" Red" for
+    "red"), the canonical one elsewhere; and whether the model is right."""
+    with torch.no_grad():
+        top = readout.answer_logits(adapter, batch).argmax(-1)
+    canonical = [first_answer_token(adapter, it.example.answer, it.answer_prefix) for it in items]
+    right = torch.tensor([same_word(adapter, int(t), c) for t, c in zip(top, canonical)], device=top.device)
+    return torch.where(right, top, torch.tensor(canonical, device=top.device)), right
 
 
 def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
@@ -178,9 +235,9 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
     drops: dict[tuple[str, int], list[torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = adapter.inputs([it.example.scene.image for it in chunk], [it.example.question for it in chunk])
-        answers = torch.tensor([first_answer_token(adapter, it.example.answer) for it in chunk])
-        base, correct = answer_probability(adapter, batch, answers)
+        batch = batch_of(adapter, chunk)
+        answers, correct = models_own_answer(adapter, batch, chunk)
+        base, _ = answer_probability(adapter, batch, answers)
         blocks = knockout_blocks(adapter, chunk, batch)
         for name, block in blocks.items():
             for w in tqdm(windows, desc=f"knockout {name}", leave=False):
@@ -192,6 +249,8 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
         d = torch.cat(values).numpy()
         mean, lo, hi = stats.mean_interval(d)
         rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean, "ci_low": lo, "ci_high": hi})
+    if not any(len(torch.cat(v)) for v in drops.values()):
+        warnings.warn(unanswered_note("knockout", len(items)), stacklevel=2)
     return pd.DataFrame(rows)
 
 

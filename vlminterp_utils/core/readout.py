@@ -118,9 +118,24 @@ def pad_right(sequences: list[torch.Tensor], pad_id: int,
     return {**out, "loss_mask": loss_mask} if masks is not None else out
 
 
-def first_answer_token(adapter, answer: str) -> int:
-    """The token id an answer starts with, as the model would write it right after the prompt."""
-    return adapter.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+def first_answer_token(adapter, answer: str, prefix: str = "") -> int:
+    """The token id an answer starts with, as the model would write it right after the prompt and `prefix`
+    (an answer prefix such as "It is a" is followed by " red", with its space)."""
+    tok = adapter.tokenizer
+    if not prefix:
+        return tok(answer, add_special_tokens=False)["input_ids"][0]
+    before = tok(prefix, add_special_tokens=False)["input_ids"]
+    after = tok(f"{prefix} {answer.strip()}", add_special_tokens=False)["input_ids"]
+    common = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), len(before))
+    return after[common]
+
+
+def same_word(adapter, token_id: int, answer_token: int) -> bool:
+    """Does the model's token say the same as the answer's first token, whatever its case, leading space or
+    punctuation ("Yes", " yes", "yes." all say "yes")?"""
+    decode = adapter.tokenizer.decode
+    said, meant = normalize_answer(decode([token_id])), normalize_answer(decode([answer_token]))
+    return token_id == answer_token or (bool(meant) and said == meant)
 
 
 _EDGES = re.compile(r"^[\s\"'`]+|[\s\"'`.!?,;:]+$")
