@@ -41,3 +41,13 @@ def test_prose_types_no_measured_number(path):
 def test_the_typed_number_rule_can_fail():
     assert TYPED_NUMBER.search("flips 70% of answers") and TYPED_NUMBER.search("a probability of 0.75")
     assert not TYPED_NUMBER.search(GLUE_ROLE.sub("", "flips {glue:text}`x:.0%` [95% interval], layer 16"))
+
+
+def test_install_cells_install_from_the_books_repository():
+    """The repository URL lives in _config.yml alone; scripts/sync_colab.py writes it into the install cells."""
+    import yaml
+    config = yaml.safe_load((NOTEBOOKS[0].parent.parent / "_config.yml").read_text())
+    url = config["repository"]["url"]
+    for path in NOTEBOOKS:
+        install = cells(path, "code")[0]
+        assert f'REPO = "{url}"' in install and "git+{REPO}" in install, path.name
