@@ -79,3 +79,27 @@ def test_an_unsupported_family_names_the_supported_ones(tiny_llava_dir, tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "paligemma"}))
     with pytest.raises(ValueError, match="supported families: llava, llava_next"):
         models.load_vlm(str(tmp_path))
+
+
+def test_inversion_runs_through_each_familys_image_inputs(family):
+    """MIMIC's loop on every family: LLaVA-NeXT gets its base image and tiles made differentiably."""
+    from vlminterp_utils import inversion as V
+    _, _, (_, _, adapter) = family
+    stats = V.concept_stats(adapter, "red", "circle", n_images=2, cache=False)
+    result = V.invert(adapter, "Describe the image.", "a red circle", stats,
+                      V.InversionConfig(steps=2, progress=False))
+    assert result.images[0].size == (adapter.image_size, adapter.image_size)
+    assert np.isfinite(result.history.total).all() and 0 <= result.target_probability[0] <= 1
+
+
+def test_llava_next_pixel_inputs_match_the_processor(smol_tokenizer):
+    """The differentiable tiling gives the processor's tensor shapes and, on a flat image, its values."""
+    model, processor = build_tiny_family("llava-next", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    side = adapter.image_size
+    flat = Image.new("RGB", (side, side), (200, 30, 30))
+    expected = processor.image_processor([flat], return_tensors="pt")["pixel_values"]
+    pixels = torch.tensor([200 / 255, 30 / 255, 30 / 255])[None, :, None, None].expand(1, 3, side, side)
+    got = adapter.pixel_inputs(pixels.contiguous())
+    assert got["pixel_values"].shape == expected.shape
+    assert torch.allclose(got["pixel_values"], expected, atol=1e-2)

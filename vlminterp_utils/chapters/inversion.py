@@ -66,24 +66,19 @@ ABLATIONS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------------------------- statistics
 
-def _vision_states(adapter, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every vision-tower layer's patch tokens (the CLS token dropped when the model drops it)."""
-    out = adapter.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+def _vision_states(adapter, vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Every vision-tower layer's patch tokens per image (the CLS token dropped when the model drops it; the
+    tokens of all of an image's tiles together for LLaVA-NeXT)."""
+    pixels = vision["pixel_values"]
+    n = pixels.shape[0]
+    out = adapter.vision_tower(pixel_values=pixels.flatten(0, pixels.dim() - 4), output_hidden_states=True)
     drop = 1 if adapter.config.vision_feature_select_strategy == "default" else 0
-    return tuple(h[:, drop:] for h in out.hidden_states[1:])
+    return tuple(h[:, drop:].reshape(n, -1, h.shape[-1]) for h in out.hidden_states[1:])
 
 
 def token_statistics(states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, layers, channels) mean and variance over tokens, per image."""
     return (torch.stack([h.mean(1) for h in states], 1), torch.stack([h.var(1, unbiased=False) for h in states], 1))
-
-
-def normalize_pixels(adapter, pixels: torch.Tensor) -> torch.Tensor:
-    """[0, 1] pixels to the model's input, with the processor's own mean and std."""
-    ip = adapter.processor.image_processor
-    mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    return (pixels - mean) / std
 
 
 def to_pixels(images, size: int) -> torch.Tensor:
@@ -100,9 +95,8 @@ def concept_stats(adapter, color: str, shape: str, n_images: int = 32, seed: int
     def build():
         rng = np.random.default_rng([seed, list(shapes.COLORS).index(color), shapes.SHAPES.index(shape)])
         images = [shapes.concept_scene(rng, color, shape, adapter.image_size).image for _ in range(n_images)]
-        pixels = normalize_pixels(adapter, to_pixels(images, adapter.image_size)).to(adapter.device)
-        dtype = next(adapter.vision_tower.parameters()).dtype
-        mean, var = token_statistics(_vision_states(adapter, pixels.to(dtype)))
+        pixels = to_pixels(images, adapter.image_size).to(adapter.device)
+        mean, var = token_statistics(_vision_states(adapter, adapter.pixel_inputs(pixels)))
         return {"mean": mean.float().mean(0).cpu(), "var": var.float().mean(0).cpu()}
 
     return cached_tensors("concept_stats", key, build, cache=cache)
@@ -189,9 +183,9 @@ def teacher_forced_batch(adapter, prompts: list[str], targets: list[str]) -> dic
     return pad_right(sequences, tok.pad_token_id, masks)
 
 
-def answer_cross_entropy(adapter, batch: dict, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(batch,) summed cross-entropy of each row's answer tokens."""
-    losses, rows = answer_token_losses(adapter, batch, pixel_values)
+def answer_cross_entropy(adapter, batch: dict, vision: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch,) summed cross-entropy of each row's answer tokens, given the image inputs `vision`."""
+    losses, rows = answer_token_losses(adapter, batch, vision)
     return torch.zeros(len(batch["input_ids"]), device=losses.device).index_add_(0, rows, losses)
 
 
@@ -206,12 +200,12 @@ def loss_terms(adapter, pixels: torch.Tensor, batch: dict, stats: dict | None, c
     view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))  # jitter: no pixel-exact trick survives
     if config.flip and torch.rand(1, generator=generator) < 0.5:
         view = view.flip(3)
-    pixel_values = normalize_pixels(adapter, view).to(next(adapter.model.parameters()).dtype)
+    vision = adapter.pixel_inputs(view)
     terms = {}
     if config.ce > 0:
-        terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, pixel_values).mean()
+        terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, vision).mean()
     if config.feature > 0:
-        terms["feature"] = config.feature * feature_loss(_vision_states(adapter, pixel_values), stats)
+        terms["feature"] = config.feature * feature_loss(_vision_states(adapter, vision), stats)
     if config.patch > 0:
         terms["patch"] = config.patch * patch_boundary_loss(pixels, adapter.patch_size)
     if config.tv_l1 > 0:
@@ -263,8 +257,7 @@ def invert(adapter, prompt, target_text, stats=None, config: InversionConfig | N
                 pixels.clamp_(0, 1)
             history.append({"step": step, "total": total.item(), "lr": lr, **{k: v.item() for k, v in terms.items()}})
         with torch.no_grad():
-            dtype = next(model.parameters()).dtype
-            ce = answer_cross_entropy(adapter, batch, normalize_pixels(adapter, pixels).to(dtype))
+            ce = answer_cross_entropy(adapter, batch, adapter.pixel_inputs(pixels))
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)

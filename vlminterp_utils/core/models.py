@@ -8,6 +8,7 @@ embedded `shapes-llava` and `llava-hf/llava-1.5-7b-hf` go through the same code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from . import geometry, weights
@@ -231,6 +233,17 @@ class LlavaAdapter(VLMAdapter):
                                              self.patch_size)
         return np.concatenate([np.full((self.extra_tokens, 4), np.nan), boxes])
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels to the model's input scale, with the processor's own mean and std."""
+        ip = self.processor.image_processor
+        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+        return (pixels - mean) / std
+
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable image inputs for (batch, 3, side, side) pixels in [0, 1] at the tower's own size."""
+        return {"pixel_values": self.normalize(pixels).to(next(self.model.parameters()).dtype)}
+
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.base_model.vision_tower
@@ -267,6 +280,26 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError("LLaVA-NeXT with a CLS token kept ('full' strategy) is not supported")
         return geometry.anyres_regions(image_size, self.config.image_grid_pinpoints, self.image_size,
                                        self.patch_size, newline=True)
+
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable anyres inputs: the base image and the tiles of its canvas (resized keeping the aspect
+        ratio, centred on black, cut row by row), as the processor makes them, up to the resampling filter."""
+        n, _, h, w = pixels.shape
+        side = self.image_size
+        canvas_h, canvas_w = geometry.select_best_resolution(h, w, self.config.image_grid_pinpoints)
+        if canvas_w / w < canvas_h / h:
+            new_w, new_h = canvas_w, min(math.ceil(h * canvas_w / w), canvas_h)
+        else:
+            new_w, new_h = min(math.ceil(w * canvas_h / h), canvas_w), canvas_h
+        resized = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
+        canvas = F.pad(resized, (left, canvas_w - new_w - left, top, canvas_h - new_h - top))
+        tiles = canvas.unfold(2, side, side).unfold(3, side, side)  # (n, 3, rows, cols, side, side)
+        tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, 3, side, side)
+        base = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)[:, None]
+        values = self.normalize(torch.cat([base, tiles], 1).flatten(0, 1)).unflatten(0, (n, -1))
+        sizes = torch.tensor([[h, w]] * n, device=pixels.device)
+        return {"pixel_values": values.to(next(self.model.parameters()).dtype), "image_sizes": sizes}
 
     def display_tokens(self, image_size: tuple[int, int]) -> np.ndarray:
         rows, cols = self.grid

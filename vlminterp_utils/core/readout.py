@@ -85,14 +85,18 @@ def answer_logits(adapter, batch: dict) -> torch.Tensor:
 
 
 def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
-                        pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        vision: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every answer token (`batch["loss_mask"]`), and the batch row of each.
 
-    The unembedding runs at answer positions alone: it is as wide as the vocabulary, and a prompt has far more
-    positions than its answer. Training the embedded model and MIMIC's inversion both use this loss.
+    `vision` holds the image inputs (`pixel_values`, and `image_sizes` for LLaVA-NeXT) when they are not in the
+    batch, e.g. differentiable pixels from `adapter.pixel_inputs`. The unembedding runs at answer positions alone:
+    it is as wide as the vocabulary, and a prompt has far more positions than its answer. Training the embedded
+    model and MIMIC's inversion both use this loss.
     """
+    vision = vision if vision is not None else {k: v for k, v in batch.items() if k in ("pixel_values",
+                                                                                         "image_sizes")}
     hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      pixel_values=pixel_values).last_hidden_state
+                                      **vision).last_hidden_state
     predicts = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
     logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
     losses = F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")

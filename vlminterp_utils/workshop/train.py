@@ -136,7 +136,7 @@ def answer_loss(adapter, batch: dict[str, torch.Tensor], per: str = "token") -> 
     so that a one-word "yes" weighs as much as a ten-token caption."""
     if per not in ("token", "answer"):
         raise ValueError(f"per must be 'token' or 'answer', not {per!r}")
-    losses, _ = answer_token_losses(adapter, batch, batch["pixel_values"])
+    losses, _ = answer_token_losses(adapter, batch)
     return losses.mean() if per == "token" else mean_per_answer(losses, batch["loss_mask"])
 
 
