@@ -18,7 +18,7 @@ __version__ = "0.2.0"
 
 MODULES = {
     "models": "core.models", "shapes": "core.shapes", "readout": "core.readout", "stats": "core.stats",
-    "storage": "core.storage", "weights": "core.weights",
+    "storage": "core.storage", "weights": "core.weights", "geometry": "core.geometry", "photos": "core.photos",
     "interventions": "chapters.interventions", "localization": "chapters.localization", "lenses": "chapters.lenses",
     "latentlens": "chapters.latentlens", "inversion": "chapters.inversion", "classifier": "chapters.classifier",
     "plotting": "chapters.plotting", "report": "chapters.report",

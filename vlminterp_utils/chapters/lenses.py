@@ -95,9 +95,10 @@ def normalize_word(word: str) -> str:
 _CONCEPT_WORDS = set(shapes.COLORS) | set(shapes.SHAPES) | {"colour", "color"}
 
 
-def names_object(words, obj: shapes.ShapeObject) -> bool:
-    """Do the words contain the object's colour or its shape?"""
-    return any(normalize_word(w) in (obj.color, obj.shape) for w in words)
+def names_object(words, obj) -> bool:
+    """Do the words contain a word that names the object (a shape's colour or shape, a photo object's label)?"""
+    names = {normalize_word(w) for w in obj.words}
+    return any(normalize_word(w) in names for w in words)
 
 
 def names_any_object(words, scene: shapes.Scene) -> bool:

@@ -81,6 +81,13 @@ def _items(setting: str, n: int, seed: int, image_size: int) -> list[Item]:
     return [Item(e, single_target(e)) for e in exs]
 
 
+def items_from_examples(examples: list[shapes.Example], question_suffix: str = "",
+                        answer_prefix: str = "") -> list[Item]:
+    """Items from ready-made examples that each name one target object, e.g. real photos
+    (`core.photos.examples_from_dataset`)."""
+    return [Item(e, single_target(e), question_suffix, answer_prefix) for e in examples]
+
+
 def attribution_target(adapter, item: Item) -> tuple[str, int]:
     """(answer prefix, token) whose logit measures how much the answer depends on the target object.
 
@@ -252,6 +259,20 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
     if not any(len(torch.cat(v)) for v in drops.values()):
         warnings.warn(unanswered_note("knockout", len(items)), stacklevel=2)
     return pd.DataFrame(rows)
+
+
+def knockout_peak(curve: pd.DataFrame, n_layers: int, window: int, knockout: str = "object → last") -> dict:
+    """Where a knockout curve peaks: the window start with the largest drop, that drop, the span of window starts
+    with at least half of it, and the peak window's centre as a share of the depth (NaN and -1 without data)."""
+    part = curve[curve.knockout == knockout].dropna(subset=["drop"])
+    if part.empty:
+        return {"peak_layer": -1, "peak_drop": float("nan"), "strong_from": -1, "strong_to": -1,
+                "peak_depth": float("nan")}
+    peak = part.loc[part["drop"].idxmax()]
+    strong = part[part["drop"] >= peak["drop"] / 2].first_layer
+    return {"peak_layer": int(peak.first_layer), "peak_drop": float(peak["drop"]),
+            "strong_from": int(strong.min()), "strong_to": int(strong.max()),
+            "peak_depth": (peak.first_layer + window / 2) / n_layers}
 
 
 # ---------------------------------------------------------------------------------------------- logit lens

@@ -47,6 +47,11 @@ class ShapeObject:
     def name(self) -> str:
         return f"{self.color} {self.shape}"
 
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The words that name this object (what a lens's reading is judged against)."""
+        return self.color, self.shape
+
 
 @dataclass
 class Scene:
