@@ -35,7 +35,8 @@ def main(argv=None) -> None:
         started = time.time()
         print(f"executing {nb.name} (smoke={args.smoke})", flush=True)
         papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": args.smoke},
-                                   cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False)
+                                   cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
+                                   execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
         print(f"  done in {time.time() - started:.0f} s", flush=True)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     # -W: a warning fails the build, e.g. a number the prose quotes that the run did not glue.

@@ -1,6 +1,7 @@
 """The package as a user meets it: the README's code runs, the layers keep their direction, a wheel carries the
 data and finds it when installed elsewhere."""
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -106,3 +107,22 @@ def test_an_installed_wheel_finds_its_data_from_another_directory(wheel, tmp_pat
                          check=True).stdout.split("\n")
     assert out[0].startswith(str(target)) and out[1].startswith(str(target))
     assert Path(out[1]).exists() and int(out[2]) > 1000
+
+
+@pytest.mark.phenomenon
+def test_a_wheel_in_a_clean_virtual_environment_runs_chapter_0(wheel, tmp_path):
+    """As a reader installs it: a fresh venv, the CPU torch, the wheel with its dependencies; then chapter 0 in
+    smoke mode, run from a directory outside the repository (minutes: pip resolves the dependencies)."""
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True, env=env)  # the CPU build; an unpinned torch pulls CUDA
+    subprocess.run(pip + [str(wheel), "papermill", "ipykernel"], check=True, env=env)
+    notebook = ROOT / "notebooks" / "00_anatomy_of_a_vlm.ipynb"
+    run = subprocess.run([python, "-m", "papermill", str(notebook), "out.ipynb", "-p", "smoke", "True"],
+                         cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "vision tower" in (elsewhere / "out.ipynb").read_text()
