@@ -3,6 +3,7 @@ data and finds it when installed elsewhere."""
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -80,9 +81,12 @@ def test_the_import_rule_catches_a_workshop_import(tmp_path):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "repo"
+    # from a clean copy: setuptools builds in the source tree, and a stale build/ there could slip into the wheel
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", "_build", "build", ".git", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(out), str(ROOT)], check=True, capture_output=True)
+                    str(out), str(source)], check=True, capture_output=True)
     (found,) = out.glob("vlminterp_utils-*.whl")
     return found
 
