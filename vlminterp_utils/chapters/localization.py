@@ -175,8 +175,12 @@ def explain_unanswered(table: pd.DataFrame) -> str:
 
 
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
-                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "") -> pd.DataFrame:
-    """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode."""
+                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
+                   batch_size: int = 16) -> pd.DataFrame:
+    """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode.
+
+    `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
+    model on a 16 GB GPU)."""
     mean_token = I.mean_visual_token(adapter)
     rows = []
     jobs = [(s, m, b, mo) for s in settings for b in buffers for mo in modes for m in methods]
@@ -184,7 +188,8 @@ def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
         items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said once per setting below, not once per row
-            rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, mean_token=mean_token))
+            rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, batch_size,
+                                       mean_token=mean_token))
     table = pd.DataFrame(rows)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
