@@ -32,7 +32,7 @@ def outputs_text(nb: dict) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.phenomenon
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem[:2])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chapter_runs_on_the_family(family, notebook, checkpoints, tmp_path, monkeypatch):

@@ -113,7 +113,7 @@ def test_an_installed_wheel_finds_its_data_from_another_directory(wheel, tmp_pat
     assert Path(out[1]).exists() and int(out[2]) > 1000
 
 
-@pytest.mark.phenomenon
+@pytest.mark.slow
 def test_a_wheel_in_a_clean_virtual_environment_runs_chapter_0(wheel, tmp_path):
     """As a reader installs it: a fresh venv, the CPU torch, the wheel with its dependencies; then chapter 0 in
     smoke mode, run from a directory outside the repository (minutes: pip resolves the dependencies)."""
