@@ -51,3 +51,10 @@ def test_install_cells_install_from_the_books_repository():
     for path in NOTEBOOKS:
         install = cells(path, "code")[0]
         assert f'REPO = "{url}"' in install and "git+{REPO}" in install, path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 cell ids: papermill and the book build warn without them, and will refuse."""
+    ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids)
