@@ -15,10 +15,6 @@ from ..core.readout import normalize_answer as normalize
 HELD_OUT_SEED = 10_000
 
 
-def normalize(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()
-
-
 def held_out_set(n_per_type: int = 50, seed: int = HELD_OUT_SEED) -> dict[str, list[shapes.Example]]:
     """The fixed held-out examples the quality bar is stated on: captions on 1-2 object scenes, the rest on 1-3."""
     sets = {}
