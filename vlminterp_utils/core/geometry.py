@@ -64,6 +64,16 @@ def select_best_resolution(height: int, width: int, resolutions) -> tuple[int, i
     return best
 
 
+def fit_in_canvas(width: int, height: int, canvas_w: int, canvas_h: int) -> tuple[int, int, int, int]:
+    """LLaVA-NeXT's resize into its canvas, aspect ratio kept, pasted at the centre (HF's _resize_for_patching and
+    _pad_for_patching): the new width and height, and the paste offsets x and y."""
+    if canvas_w / width < canvas_h / height:
+        new_w, new_h = canvas_w, min(math.ceil(height * canvas_w / width), canvas_h)
+    else:
+        new_w, new_h = min(math.ceil(width * canvas_h / height), canvas_w), canvas_h
+    return new_w, new_h, (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+
+
 def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch: int,
                    newline: bool = True) -> np.ndarray:
     """Boxes of every LLaVA-NeXT visual token in sequence order: the base image's grid, then the tiles' grid
@@ -74,12 +84,7 @@ def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch
     base[:, [0, 2]] *= width / side
     base[:, [1, 3]] *= height / side
     canvas_h, canvas_w = select_best_resolution(height, width, grid_pinpoints)
-    # resize into the canvas keeping the aspect ratio, then paste at its centre (HF's _resize/_pad_for_patching)
-    if canvas_w / width < canvas_h / height:
-        new_w, new_h = canvas_w, min(math.ceil(height * canvas_w / width), canvas_h)
-    else:
-        new_w, new_h = min(math.ceil(width * canvas_h / height), canvas_w), canvas_h
-    paste_x, paste_y = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+    new_w, new_h, paste_x, paste_y = fit_in_canvas(width, height, canvas_w, canvas_h)
     rows, cols = canvas_h // side * n, canvas_w // side * n
     # the model's unpad_image, on the token grid
     if width / height > cols / rows:

@@ -8,7 +8,6 @@ embedded `shapes-llava` and `llava-hf/llava-1.5-7b-hf` go through the same code.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -287,12 +286,8 @@ class LlavaNextAdapter(LlavaAdapter):
         n, _, h, w = pixels.shape
         side = self.image_size
         canvas_h, canvas_w = geometry.select_best_resolution(h, w, self.config.image_grid_pinpoints)
-        if canvas_w / w < canvas_h / h:
-            new_w, new_h = canvas_w, min(math.ceil(h * canvas_w / w), canvas_h)
-        else:
-            new_w, new_h = min(math.ceil(w * canvas_h / h), canvas_w), canvas_h
+        new_w, new_h, left, top = geometry.fit_in_canvas(w, h, canvas_w, canvas_h)
         resized = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False)
-        top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
         canvas = F.pad(resized, (left, canvas_w - new_w - left, top, canvas_h - new_h - top))
         tiles = canvas.unfold(2, side, side).unfold(3, side, side)  # (n, 3, rows, cols, side, side)
         tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, 3, side, side)
