@@ -68,6 +68,11 @@ def test_objects_map_to_tokens_and_every_experiment_runs(family):
     with torch.no_grad(), I.attention_knockout(adapter, blocks["object → last"], range(adapter.n_layers)):
         knocked = readout.answer_logits(adapter, batch)
     assert (plain - knocked).abs().max() > 0
+    clean = I.CleanRun(adapter, batch)  # the fast knockout agrees with the full re-run on every family
+    for block in blocks.values():
+        with torch.no_grad(), I.attention_knockout(adapter, block, [1]):
+            full = readout.answer_logits(adapter, batch)
+        assert torch.allclose(clean.answer_logits(block, [1]), full, atol=1e-5)
     readings = lenses.patch_readings(adapter, lenses.LogitLens(adapter), [it.example for it in items], k=2,
                                      layers=[0, adapter.n_layers])
     kinds = set(readings.kind)

@@ -85,6 +85,31 @@ def test_knockout_equals_the_minus_inf_reference(tiny_any_attention, padded):
     assert torch.allclose(knocked, reference, atol=1e-5)  # ... and exactly what -inf scores do
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_knockout_from_a_clean_run_equals_the_full_re_run(tiny_any_attention, padded):
+    """Cached prefix and replayed lower layers give what the full forward pass with the knockout gives."""
+    _, _, adapter = tiny_any_attention
+    batch, _ = batch_for(adapter, questions=None if padded else ["Hi", "Ho", "Ha"])
+    visual, last = positions(batch, adapter)
+    seq = batch["input_ids"].shape[1]
+    late_visual = visual & (visual.cumsum(1) > 10)  # queries inside the image: the last-row kind of knockout
+    blocks = {"visual → last": I.block_matrix(seq, last, visual),
+              "early → late visual": I.block_matrix(seq, late_visual, visual & ~late_visual),
+              "nothing": torch.zeros(3, seq, seq, dtype=torch.bool)}
+    clean = I.CleanRun(adapter, batch)
+    with torch.no_grad():
+        assert torch.allclose(clean.logits, answer_logits(adapter, batch), atol=1e-5)
+        for name, block in blocks.items():
+            for layers in ([0], [1, 2], [2], [0, 1, 2]):
+                with I.attention_knockout(adapter, block, layers):
+                    full = answer_logits(adapter, batch)
+                fast = clean.answer_logits(block, layers)
+                assert torch.allclose(fast, full, atol=1e-5), (name, layers, (fast - full).abs().max())
+    with torch.no_grad(), I.attention_knockout(adapter, blocks["visual → last"], [1, 2]):
+        assert (answer_logits(adapter, batch) - clean.logits).abs().max() > 1e-3  # the check can fail
+    assert all("forward" not in vars(layer) for layer in adapter.layers)  # replayed layers restored
+
+
 def test_blocking_all_visual_to_text_edges_makes_the_answer_ignore_the_image(tiny_any_attention):
     _, _, adapter = tiny_any_attention
     a, _ = batch_for(adapter, questions=["Hi", "Hi", "Hi"], seed=0)

@@ -133,6 +133,34 @@ def test_the_ablation_table_has_a_row_per_condition_with_intervals(tiny, monkeyp
     assert (table.initially_correct <= table.n).all()
 
 
+@pytest.mark.filterwarnings("ignore:no .* answered correctly")  # a random tiny model
+def test_the_ablation_table_computes_attributions_once_per_batch(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    calls = {"ig": 0}
+    ig = I.integrated_gradients
+
+    def counted(*args, **kwargs):
+        calls["ig"] += 1
+        return ig(*args, **kwargs)
+
+    monkeypatch.setattr(I, "integrated_gradients", counted)
+    L.ablation_table(adapter, settings=("vqa",), buffers=(0, 1, 2), n=4, batch_size=2)
+    assert calls["ig"] == 2  # two batches: one attribution each, reused by three buffers
+
+
+def test_every_row_of_the_ablation_table_equals_the_row_computed_alone(shapes_llava):
+    """Shared work changes no result: each control draws from its own seeded generator."""
+    _, _, adapter = shapes_llava
+    methods = ("object", "random", "high_norm")  # the high-gradient scores are shared as tested above
+    table = L.ablation_table(adapter, settings=("vqa",), methods=methods, buffers=(0, 2), n=6, batch_size=6)
+    assert table.initially_correct.min() > 0 and table.flip_rate.nunique() > 1
+    items = L.make_items("vqa", 6, 0, adapter.image_size)
+    for row in table.itertuples():
+        alone = L.ablation_flips(adapter, items, "vqa", row.method, row.buffer, batch_size=6)
+        assert (alone["flip_rate"], alone["ci_low"], alone["ci_high"]) == (row.flip_rate, row.ci_low, row.ci_high)
+
+
 def test_examples_carry_the_object_a_chapter_1_item_is_about():
     ex = shapes.example(5, 0, "vqa_color")
     item = L.make_items("vqa", 1, 5, 64)[0]

@@ -204,3 +204,72 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
     finally:
         for h in handles:
             h.remove()
+
+
+class CleanRun:
+    """One clean forward pass, kept so that knockouts re-run only what they change.
+
+    A knockout changes no position before its first blocked query (attention is causal) and no layer below its
+    first layer. So from the clean run's keys and values and layer outputs, a knockout re-runs the positions from
+    its first query on, through the layers from its first layer on: a knockout of the last position's attention
+    is one position's forward pass over the cached prefix. The result equals the full re-run
+    (`tests/test_interventions.py`, eager and sdpa, with padding).
+    """
+
+    @torch.no_grad()
+    def __init__(self, adapter, batch: dict):
+        self.adapter, self.attention_mask = adapter, batch["attention_mask"]
+        captured, self.layer_outputs = {}, []
+
+        def take_embeds(module, args, kwargs):
+            captured["embeds"] = kwargs["inputs_embeds"]
+
+        def take_output(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor: "
+                                "CleanRun needs transformers>=5")
+            self.layer_outputs.append(output)
+
+        handles = [adapter.language_model.register_forward_pre_hook(take_embeds, with_kwargs=True)]
+        handles += [layer.register_forward_hook(take_output) for layer in adapter.layers]
+        try:
+            out = adapter.model(**batch, use_cache=True, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        self.embeds, self.logits = captured["embeds"], out.logits[:, -1]
+        self.keys_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _prefix_cache(self, length: int):
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.adapter.text_config)
+        for i, (k, v) in enumerate(self.keys_values):
+            cache.update(k[..., :length, :], v[..., :length, :], i)
+        return cache
+
+    @contextmanager
+    def _replayed(self, layers: range, start: int):
+        """Within the block, the chosen decoder layers return their clean outputs from `start` on, uncomputed."""
+        for i in layers:
+            self.adapter.layers[i].forward = lambda *args, _out=self.layer_outputs[i], **kwargs: _out[:, start:]
+        try:
+            yield
+        finally:
+            for i in layers:
+                del self.adapter.layers[i].forward
+
+    @torch.no_grad()
+    def answer_logits(self, block: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
+        """The answer logits (batch, vocab) with `block`'s edges knocked out in `layers`, as
+        `attention_knockout` + `readout.answer_logits` would give them."""
+        layers = sorted(layers)
+        queries = torch.as_tensor(block).any(-1).any(0).nonzero()
+        if not layers or len(queries) == 0:
+            return self.logits
+        start = int(queries[0])
+        with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
+            hidden = self.adapter.language_model(inputs_embeds=self.embeds[:, start:],
+                                                 attention_mask=self.attention_mask,
+                                                 past_key_values=self._prefix_cache(start),
+                                                 use_cache=True).last_hidden_state
+        return self.adapter.unembedding(hidden[:, -1])

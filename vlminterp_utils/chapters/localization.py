@@ -105,26 +105,37 @@ def attribution_target(adapter, item: Item) -> tuple[str, int]:
 
 # ---------------------------------------------------------------------------------------------- ablation
 
+def selection_scores(adapter, items: list[Item], batch: dict, method: str, baseline: torch.Tensor,
+                     ig_steps: int = 8) -> torch.Tensor | None:
+    """(batch, n_visual) scores a control ranks tokens by: norms (high-norm), |integrated gradients|
+    (high-gradient); None for the object's tokens and random ones, which need no model."""
+    if method in ("object", "random"):
+        return None
+    if method == "high_norm":
+        return readout.visual_embeddings(adapter, batch).float().norm(dim=-1).cpu()
+    if method == "high_gradient":
+        prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
+        target_batch = batch_of(adapter, items, list(prefixes))
+        return I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs().cpu()
+    raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")
+
+
 def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
-                  baseline: torch.Tensor, ig_steps: int = 8) -> torch.Tensor:
-    """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones."""
+                  baseline: torch.Tensor, ig_steps: int = 8, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones.
+
+    `scores` (from `selection_scores`) can be computed once and reused across buffers."""
+    if scores is None:
+        scores = selection_scores(adapter, items, batch, method, baseline, ig_steps)
     objects = [I.object_tokens(adapter, it.example.scene, buffer, [it.target]) for it in items]
     patches = [adapter.patch_tokens(it.example.scene.image.size) for it in items]  # never a row-end token
     if method == "object":
         masks = objects
     elif method == "random":
         masks = [I.random_tokens(len(m), int(m.sum()), rng, exclude=~p) for m, p in zip(objects, patches)]
-    elif method == "high_norm":
-        emb = readout.visual_embeddings(adapter, batch)
-        masks = [I.high_norm_tokens(e, int(m.sum()), p) for e, m, p in zip(emb, objects, patches)]
-    elif method == "high_gradient":
-        prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
-        target_batch = batch_of(adapter, items, list(prefixes))
-        scores = I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs()
-        masks = [I.top_k_mask(s.masked_fill(~torch.as_tensor(p), -1.0), int(m.sum()))
-                 for s, m, p in zip(scores, objects, patches)]
     else:
-        raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")
+        masks = [I.top_k_mask(s.masked_fill(~torch.as_tensor(p), -torch.inf), int(m.sum()))
+                 for s, m, p in zip(scores, objects, patches)]
     return torch.as_tensor(np.stack(masks))
 
 
@@ -141,24 +152,40 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
             for p, it in zip(predicted, items)]
 
 
-def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
-                   seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None) -> dict:
-    """Correct before and after ablating the selected tokens, with the flip rate and its bootstrap 95% CI."""
+def ablation_rows(adapter, items: list[Item], setting: str, jobs: list[tuple[str, int, str]], seed: int = 0,
+                  batch_size: int = 16, mean_token: torch.Tensor | None = None) -> list[dict]:
+    """One row per (method, buffer, mode) job: correct before and after ablating, flip rate and bootstrap 95% CI.
+
+    The work the jobs share is done once per batch: the un-ablated answers, and the norms and attributions a
+    control ranks tokens by (reused across buffers). Each job draws its random tokens from its own generator
+    seeded by `seed`, so a row does not depend on which other rows are computed."""
     mean_token = I.mean_visual_token(adapter) if mean_token is None else mean_token
-    rng = np.random.default_rng(seed)
-    before, after = [], []
+    rngs = {job: np.random.default_rng(seed) for job in jobs}
+    before, after = [], {job: [] for job in jobs}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         batch = batch_of(adapter, chunk)
-        masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token)
         before += _correct(adapter, chunk, batch, setting)
-        with I.ablate(adapter, masks, mode, mean_token=mean_token):
-            after += _correct(adapter, chunk, batch, setting)
-    flip, lo, hi = stats.bootstrap_ci(before, after, seed=seed)
+        scores = {m: selection_scores(adapter, chunk, batch, m, mean_token) for m in dict.fromkeys(j[0] for j in jobs)}
+        for job in jobs:
+            method, buffer, mode = job
+            masks = select_tokens(adapter, chunk, batch, method, buffer, rngs[job], mean_token, scores=scores[method])
+            with I.ablate(adapter, masks, mode, mean_token=mean_token):
+                after[job] += _correct(adapter, chunk, batch, setting)
     if not any(before):
         warnings.warn(unanswered_note(setting, len(items)), stacklevel=2)
-    return {"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
-            "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi}
+    rows = []
+    for (method, buffer, mode), answers in after.items():
+        flip, lo, hi = stats.bootstrap_ci(before, answers, seed=seed)
+        rows.append({"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
+                     "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi})
+    return rows
+
+
+def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
+                   seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None) -> dict:
+    """Correct before and after ablating the selected tokens, with the flip rate and its bootstrap 95% CI."""
+    return ablation_rows(adapter, items, setting, [(method, buffer, mode)], seed, batch_size, mean_token)[0]
 
 
 def unanswered_note(setting: str, n: int) -> str:
@@ -182,14 +209,13 @@ def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
     `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
     model on a 16 GB GPU)."""
     mean_token = I.mean_visual_token(adapter)
+    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods]
     rows = []
-    jobs = [(s, m, b, mo) for s in settings for b in buffers for mo in modes for m in methods]
-    for setting, method, buffer, mode in tqdm(jobs, desc="ablations"):
+    for setting in tqdm(settings, desc="ablations"):
         items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said once per setting below, not once per row
-            rows.append(ablation_flips(adapter, items, setting, method, buffer, mode, seed, batch_size,
-                                       mean_token=mean_token))
+            rows += ablation_rows(adapter, items, setting, jobs, seed, batch_size, mean_token)
     table = pd.DataFrame(rows)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
@@ -218,19 +244,16 @@ def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.
             "object → last row": I.block_matrix(seq, last_row & ~obj, obj)}
 
 
-def answer_probability(adapter, batch: dict, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probability of each item's first answer token, and whether it is the model's top choice."""
-    with torch.no_grad():
-        probs = readout.answer_logits(adapter, batch).float().softmax(-1)
-    answers = answers.to(probs.device)
-    return probs[torch.arange(len(answers), device=probs.device), answers], probs.argmax(-1) == answers
+def answer_probability(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Probability of each item's answer token under its answer logits (batch, vocab)."""
+    probs = logits.float().softmax(-1)
+    return probs[torch.arange(len(answers), device=probs.device), answers.to(probs.device)]
 
 
-def models_own_answer(adapter, batch: dict, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+def models_own_answer(adapter, logits: torch.Tensor, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per item, the answer token to follow: the model's own top token where it says the answer (" Red" for
-    "red"), the canonical one elsewhere; and whether the model is right."""
-    with torch.no_grad():
-        top = readout.answer_logits(adapter, batch).argmax(-1)
+    "red"), the canonical one elsewhere; and whether the model is right. `logits`: the clean answer logits."""
+    top = logits.argmax(-1)
     canonical = [first_answer_token(adapter, it.example.answer, it.answer_prefix) for it in items]
     right = torch.tensor([same_word(adapter, int(t), c) for t, c in zip(top, canonical)], device=top.device)
     return torch.where(right, top, torch.tensor(canonical, device=top.device)), right
@@ -241,21 +264,23 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
     """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
 
     Only items the model answers correctly without intervention count, as in Neo et al. `windows` overrides the
-    sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once).
+    sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once). Each knockout
+    re-runs only the positions and layers it changes (`interventions.CleanRun`).
     """
     windows = windows or I.layer_windows(adapter.n_layers, window)
     drops: dict[tuple[str, int], list[torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         batch = batch_of(adapter, chunk)
-        answers, correct = models_own_answer(adapter, batch, chunk)
-        base, _ = answer_probability(adapter, batch, answers)
+        clean = I.CleanRun(adapter, batch)
+        answers, correct = models_own_answer(adapter, clean.logits, chunk)
+        base = answer_probability(clean.logits, answers)
         blocks = knockout_blocks(adapter, chunk, batch)
         for name, block in blocks.items():
             for w in tqdm(windows, desc=f"knockout {name}", leave=False):
-                with I.attention_knockout(adapter, block, w):
-                    p, _ = answer_probability(adapter, batch, answers)
+                p = answer_probability(clean.answer_logits(block, w), answers)
                 drops.setdefault((name, w[0]), []).append(((base - p) / base)[correct])
+        del clean  # its keys, values and layer outputs are the largest thing this loop holds
     rows = []
     for (name, layer), values in drops.items():
         d = torch.cat(values).numpy()

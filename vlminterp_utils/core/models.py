@@ -7,6 +7,7 @@ embedded `shapes-llava` and `llava-hf/llava-1.5-7b-hf` go through the same code.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -100,7 +101,7 @@ class VLMAdapter:
     def language_model(self) -> nn.Module:
         return self.model.get_decoder()
 
-    @property
+    @functools.cached_property  # found once: knockouts ask for it in every layer of every pass
     def layers(self) -> nn.ModuleList:
         n = self.n_layers
         lists = [m for m in self.language_model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
