@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import shapes
+from ..core import shapes, shards
 from ..core.readout import answer_token_losses, normalize_answer, pad_right
 from ..core.storage import cache_key, cached_tensors
 from . import classifier as clf
@@ -275,27 +275,30 @@ def concept_target(color: str, shape: str) -> str:
 
 def ablation_grid(adapter, concepts: list[tuple[str, str]], seeds=(0,), base: InversionConfig | None = None,
                   ablations: dict[str, dict] | None = None, classifier=None,
-                  prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, dict]:
+                  prompt: str = shapes.CAPTION_PROMPT, shard: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Invert every concept under every ablation and seed; judge each image with the independent classifier,
-    the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images."""
+    the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images.
+
+    `shard="i/n"` runs every n-th (ablation, seed) setting (`core.shards`); concatenating the parts' tables in
+    shard order and joining their images gives what one run gives, up to the order of the rows."""
     base = base or InversionConfig()
     ablations = ablations or ABLATIONS
     judge = classifier or clf.load()
     stats = [concept_stats(adapter, c, s) for c, s in concepts]
     targets = [concept_target(c, s) for c, s in concepts]
     rows, images = [], {}
-    for name, overrides in ablations.items():
-        for seed in seeds:
-            config = replace(base, seed=seed, **overrides)
-            result = invert(adapter, prompt, targets, stats, config)
-            colors, kinds, confidence = clf.predict(judge, clf.to_pixels(result.images))
-            captions = adapter.generate(result.images, [prompt] * len(targets))
-            for i, (color, shape) in enumerate(concepts):
-                images[(name, seed, color, shape)] = result.images[i]
-                rows.append({"ablation": name, "seed": seed, "concept": f"{color} {shape}",
-                             "classifier": f"{colors[i]} {kinds[i]}", "recognised": colors[i] == color and
-                             kinds[i] == shape, "color_right": colors[i] == color, "shape_right": kinds[i] == shape,
-                             "target_probability": result.target_probability[i], "recaption": captions[i],
-                             "recaption_right": normalize_answer(captions[i]) == targets[i]})
+    settings = [(name, seed) for name in ablations for seed in seeds]
+    for name, seed in (settings[u] for u in shards.units(len(settings), shard)):
+        config = replace(base, seed=seed, **ablations[name])
+        result = invert(adapter, prompt, targets, stats, config)
+        colors, kinds, confidence = clf.predict(judge, clf.to_pixels(result.images))
+        captions = adapter.generate(result.images, [prompt] * len(targets))
+        for i, (color, shape) in enumerate(concepts):
+            images[(name, seed, color, shape)] = result.images[i]
+            rows.append({"ablation": name, "seed": seed, "concept": f"{color} {shape}",
+                         "classifier": f"{colors[i]} {kinds[i]}", "recognised": colors[i] == color and
+                         kinds[i] == shape, "color_right": colors[i] == color, "shape_right": kinds[i] == shape,
+                         "target_probability": result.target_probability[i], "recaption": captions[i],
+                         "recaption_right": normalize_answer(captions[i]) == targets[i]})
     return pd.DataFrame(rows), images
 

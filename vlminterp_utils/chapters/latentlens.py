@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..core import shards
+from ..core.neighbours import Searcher
 from ..core.readout import pad_right, visual_hidden_states
 from ..core.storage import atomic_path, cache_key, cached_artefact, data_path
 from .lenses import unflatten
@@ -58,28 +60,19 @@ class ContextualIndex:
     metadata: pd.DataFrame  # token_id, token, word, sentence, position
     cap: int
     seed: int
-    approximate: bool = False
+    search_method: str = "auto"  # "exact", "ivf", "hnsw", or "auto": exact below core.neighbours.APPROXIMATE_FROM
 
     def __post_init__(self):
-        self._faiss = {}
+        self._searchers = {}
 
     def __len__(self) -> int:
         return len(self.metadata)
 
     # ------------------------------------------------------------------------------------------ search
-    def _index(self, layer: int):
-        import faiss
-        if layer not in self._faiss:
-            vectors = self.embeddings[layer].float().numpy()
-            if self.approximate:
-                index = faiss.IndexHNSWFlat(self.hidden_size, 32, faiss.METRIC_INNER_PRODUCT)
-                # faiss's default efSearch (16) gave recall@5 of 0.06 on a 50k bank (benchmarks/README.md)
-                index.hnsw.efSearch = 128
-            else:
-                index = faiss.IndexFlatIP(self.hidden_size)
-            index.add(vectors)
-            self._faiss[layer] = index
-        return self._faiss[layer]
+    def _searcher(self, layer: int) -> Searcher:
+        if layer not in self._searchers:
+            self._searchers[layer] = Searcher(self.embeddings[layer], self.search_method)
+        return self._searchers[layer]
 
     def search(self, queries: torch.Tensor, k: int = 5, layers: list[int] | None = None,
                batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,14 +84,14 @@ class ContextualIndex:
         if queries.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have width {queries.shape[-1]} but the index was built for "
                              f"{self.hidden_size} ({self.model_name}); build an index for this model")
-        q = queries.detach().float().reshape(-1, self.hidden_size)
-        q = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)).numpy()
+        q = queries.detach().float().cpu().reshape(-1, self.hidden_size)
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         layers = layers or self.layers
         sims, rows, from_layer = [], [], []
         for layer in layers:
             if layer not in self.embeddings:
                 raise ValueError(f"layer {layer} is not in the index (layers {self.layers})")
-            s, r = zip(*(self._index(layer).search(q[i:i + batch_size], k) for i in range(0, len(q), batch_size)))
+            s, r = zip(*(self._searcher(layer).search(q[i:i + batch_size], k) for i in range(0, len(q), batch_size)))
             sims.append(np.concatenate(s))
             rows.append(np.concatenate(r))
             from_layer.append(np.full_like(rows[-1], layer))
@@ -122,7 +115,7 @@ class ContextualIndex:
 
     @classmethod
     def load(cls, path: str | Path, adapter=None, layers: list[int] | None = None,
-             approximate: bool = False) -> "ContextualIndex":
+             search_method: str = "auto") -> "ContextualIndex":
         """Load and check an index; with `adapter`/`layers`, also check that it fits that model and layer set."""
         path = Path(path)
         fix = f"rebuild it with build_index(...).save({str(path)!r})"
@@ -149,24 +142,29 @@ class ContextualIndex:
         if layers is not None and sorted(layers) != sorted(meta["layers"]):
             raise ValueError(f"index at {path} holds layers {meta['layers']}, not the requested {sorted(layers)}")
         return cls(meta["model_name"], meta["hidden_size"], meta["layers"], embeddings, metadata, meta["cap"],
-                   meta["seed"], approximate)
+                   meta["seed"], search_method)
 
 
 def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
-    """The cross-layer merge: per query, the k best distinct entries over all layers, each at its best layer."""
+    """The cross-layer merge: per query, the k best distinct entries over all layers, each at its best layer.
+
+    Vectorised over queries: sort each query's candidates by similarity, drop an entry seen at a better
+    similarity (or faiss's -1 padding), keep the first k."""
     order = np.argsort(-sims, axis=1, kind="stable")
+    sims, rows, from_layer = (np.take_along_axis(x, order, axis=1) for x in (sims, rows, from_layer))
+    by_entry = np.argsort(rows, axis=1, kind="stable")  # equal entries side by side, the best one first
+    grouped = np.take_along_axis(rows, by_entry, axis=1)
+    repeated = np.zeros_like(grouped, dtype=bool)
+    repeated[:, 1:] = grouped[:, 1:] == grouped[:, :-1]
+    duplicate = np.empty_like(repeated)
+    np.put_along_axis(duplicate, by_entry, repeated, axis=1)
+    keep = ~duplicate & (rows >= 0)
+    rank = np.cumsum(keep, axis=1) - 1
+    query, column = np.nonzero(keep & (rank < k))
     out = [np.full((len(sims), k), fill, dtype) for fill, dtype in ((-np.inf, np.float32), (-1, np.int64),
                                                                      (-1, np.int64))]
-    for q in range(len(sims)):
-        seen, j = set(), 0
-        for c in order[q]:
-            if rows[q, c] < 0 or rows[q, c] in seen:  # faiss pads with -1 when a layer has fewer than k entries
-                continue
-            seen.add(rows[q, c])
-            out[0][q, j], out[1][q, j], out[2][q, j] = sims[q, c], rows[q, c], from_layer[q, c]
-            j += 1
-            if j == k:
-                break
+    for target, source in zip(out, (sims, rows, from_layer)):
+        target[query, rank[query, column]] = source[query, column]
     return tuple(out)
 
 
@@ -199,11 +197,12 @@ def choose_occurrences(tokenized: list[list[int]], tokenizer, cap: int, seed: in
 
 @torch.no_grad()
 def build_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20, seed: int = 0,
-                batch_size: int = 32, approximate: bool = False) -> ContextualIndex:
+                batch_size: int = 32, search_method: str = "auto", shard: str | None = None) -> ContextualIndex:
     """Run the adapter's LLM over `sentences` and keep the chosen occurrences' hidden states at `layers`.
 
     Streaming: only the chosen entries of each batch are kept (fp16), so memory grows with the index, not with
-    the corpus.
+    the corpus. `shard="i/n"` embeds every n-th batch of sentences and returns a part holding only their entries
+    (with their `entry` row in the whole index); `merge_parts` joins the parts into the index one run builds.
     """
     layers = sorted(layers or default_layers(adapter.n_layers))
     if not all(0 <= layer <= adapter.n_layers for layer in layers):
@@ -222,7 +221,8 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
     by_sentence = chosen.groupby("sentence_id").indices
     needed = sorted(by_sentence)
     language_model = adapter.language_model
-    for start in tqdm(range(0, len(needed), batch_size), desc="contextual embeddings"):
+    mine = shards.units(-(-len(needed) // batch_size), shard)
+    for start in tqdm([b * batch_size for b in mine], desc="contextual embeddings"):
         batch = pad_right([encoded["input_ids"][s] for s in needed[start:start + batch_size]], tok.pad_token_id)
         hidden = language_model(**{k: v.to(adapter.device) for k, v in batch.items()},
                                 output_hidden_states=True).hidden_states
@@ -233,8 +233,33 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
                 h = hidden[layer][i, positions].float()
                 store[layer][rows] = (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).half().cpu()
     metadata = chosen[["token_id", "token", "word", "sentence", "sentence_id", "position"]].reset_index(drop=True)
+    if shard is not None:
+        kept = np.concatenate([by_sentence[s] for b in mine for s in needed[b * batch_size:(b + 1) * batch_size]]
+                              + [np.zeros(0, int)])
+        kept.sort()
+        store = {layer: e[kept] for layer, e in store.items()}
+        metadata = metadata.iloc[kept].assign(entry=kept).reset_index(drop=True)
     return ContextualIndex(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, store, metadata,
-                           cap, seed, approximate)
+                           cap, seed, search_method)
+
+
+def merge_parts(parts: list[ContextualIndex]) -> ContextualIndex:
+    """The whole index from the parts that `build_index(..., shard="i/n")` built, one per shard."""
+    if not parts or any("entry" not in p.metadata for p in parts):
+        raise ValueError("merge_parts takes the parts built with build_index(..., shard='i/n'), one per shard")
+    first = parts[0]
+    if any((p.model_name, p.layers, p.cap, p.seed) != (first.model_name, first.layers, first.cap, first.seed)
+           for p in parts):
+        raise ValueError("the parts come from different builds (model, layers, cap or seed differ)")
+    entries = np.concatenate([p.metadata.entry.to_numpy() for p in parts])
+    order = np.argsort(entries)
+    if not np.array_equal(entries[order], np.arange(len(entries))):
+        raise ValueError(f"the parts hold {len(entries)} entries that are not each entry of one index once: "
+                         "give every shard of one split, each once")
+    metadata = pd.concat([p.metadata for p in parts], ignore_index=True).iloc[order].drop(columns="entry")
+    embeddings = {layer: torch.cat([p.embeddings[layer] for p in parts])[order] for layer in first.layers}
+    return ContextualIndex(first.model_name, first.hidden_size, first.layers, embeddings,
+                           metadata.reset_index(drop=True), first.cap, first.seed, first.search_method)
 
 
 class LatentLens:

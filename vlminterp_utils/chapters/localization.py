@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core import geometry, readout, shapes, stats
+from ..core import geometry, readout, shapes, shards, stats
 from ..core.readout import first_answer_token, same_word
 from . import interventions as I
 from . import lenses
@@ -152,40 +152,50 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
             for p, it in zip(predicted, items)]
 
 
-def ablation_rows(adapter, items: list[Item], setting: str, jobs: list[tuple[str, int, str]], seed: int = 0,
-                  batch_size: int = 16, mean_token: torch.Tensor | None = None) -> list[dict]:
-    """One row per (method, buffer, mode) job: correct before and after ablating, flip rate and bootstrap 95% CI.
+def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[str, int, str]], seed: int = 0,
+                     batch_size: int = 16, mean_token: torch.Tensor | None = None,
+                     shard: str | None = None) -> pd.DataFrame:
+    """Per item and (method, buffer, mode) job: is the answer right before, and after ablating?
 
     The work the jobs share is done once per batch: the un-ablated answers, and the norms and attributions a
-    control ranks tokens by (reused across buffers). Each job draws its random tokens from its own generator
-    seeded by `seed`, so a row does not depend on which other rows are computed."""
+    control ranks tokens by (reused across buffers). The random control draws from a generator seeded by (`seed`,
+    batch), so a record depends neither on the other jobs nor on the shard (`core.shards`) that computes it."""
     mean_token = I.mean_visual_token(adapter) if mean_token is None else mean_token
-    rngs = {job: np.random.default_rng(seed) for job in jobs}
-    before, after = [], {job: [] for job in jobs}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    records = []
+    n_batches = -(-len(items) // batch_size)
+    for b in shards.units(n_batches, shard):
+        chunk = items[b * batch_size:(b + 1) * batch_size]
         batch = batch_of(adapter, chunk)
-        before += _correct(adapter, chunk, batch, setting)
+        before = _correct(adapter, chunk, batch, setting)
         scores = {m: selection_scores(adapter, chunk, batch, m, mean_token) for m in dict.fromkeys(j[0] for j in jobs)}
-        for job in jobs:
-            method, buffer, mode = job
-            masks = select_tokens(adapter, chunk, batch, method, buffer, rngs[job], mean_token, scores=scores[method])
+        for method, buffer, mode in jobs:
+            rng = np.random.default_rng([seed, b])
+            masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token, scores=scores[method])
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
-                after[job] += _correct(adapter, chunk, batch, setting)
-    if not any(before):
-        warnings.warn(unanswered_note(setting, len(items)), stacklevel=2)
+                after = _correct(adapter, chunk, batch, setting)
+            records += [{"setting": setting, "method": method, "buffer": buffer, "mode": mode,
+                         "item": b * batch_size + j, "before": x, "after": y} for j, (x, y) in enumerate(zip(before, after))]
+    return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "item", "before", "after"])
+
+
+def flip_table(records: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per (setting, method, buffer, mode): the flip rate among initially correct items, with its bootstrap 95% CI."""
     rows = []
-    for (method, buffer, mode), answers in after.items():
-        flip, lo, hi = stats.bootstrap_ci(before, answers, seed=seed)
-        rows.append({"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(items),
-                     "initially_correct": int(np.sum(before)), "flip_rate": flip, "ci_low": lo, "ci_high": hi})
-    return rows
+    for (setting, method, buffer, mode), part in records.groupby(["setting", "method", "buffer", "mode"], sort=False):
+        part = part.sort_values("item")
+        flip, lo, hi = stats.bootstrap_ci(part.before.tolist(), part.after.tolist(), seed=seed)
+        rows.append({"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(part),
+                     "initially_correct": int(part.before.sum()), "flip_rate": flip, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
 
 
 def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
                    seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None) -> dict:
     """Correct before and after ablating the selected tokens, with the flip rate and its bootstrap 95% CI."""
-    return ablation_rows(adapter, items, setting, [(method, buffer, mode)], seed, batch_size, mean_token)[0]
+    records = ablation_records(adapter, items, setting, [(method, buffer, mode)], seed, batch_size, mean_token)
+    if not records.before.any():
+        warnings.warn(unanswered_note(setting, len(items)), stacklevel=2)
+    return flip_table(records, seed).iloc[0].to_dict()
 
 
 def unanswered_note(setting: str, n: int) -> str:
@@ -201,6 +211,19 @@ def explain_unanswered(table: pd.DataFrame) -> str:
     return "\n".join(unanswered_note(s, int(g.n.iloc[0])) for s, g in empty.groupby("setting", sort=False))
 
 
+def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
+                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
+                   batch_size: int = 16, shard: str | None = None) -> pd.DataFrame:
+    """The per-item records behind `ablation_table`, for every setting; `shard="i/n"` computes one part of them."""
+    mean_token = I.mean_visual_token(adapter)
+    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods]
+    parts = []
+    for setting in tqdm(settings, desc="ablations"):
+        items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
+        parts.append(ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, shard))
+    return pd.concat(parts, ignore_index=True)
+
+
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
                    n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
                    batch_size: int = 16) -> pd.DataFrame:
@@ -208,15 +231,9 @@ def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
 
     `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
     model on a 16 GB GPU)."""
-    mean_token = I.mean_visual_token(adapter)
-    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods]
-    rows = []
-    for setting in tqdm(settings, desc="ablations"):
-        items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # said once per setting below, not once per row
-            rows += ablation_rows(adapter, items, setting, jobs, seed, batch_size, mean_token)
-    table = pd.DataFrame(rows)
+    records = ablation_sweep(adapter, settings, methods, buffers, modes, n, seed, question_suffix, answer_prefix,
+                             batch_size)
+    table = flip_table(records, seed)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
     return table
@@ -259,6 +276,37 @@ def models_own_answer(adapter, logits: torch.Tensor, items: list[Item]) -> tuple
     return torch.where(right, top, torch.tensor(canonical, device=top.device)), right
 
 
+def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
+                     windows: list[list[int]] | None = None, shard: str | None = None) -> pd.DataFrame:
+    """Per knockout, layer window and item: the relative drop of the answer's probability, and whether the model
+    answered the item right without intervention. `shard="i/n"` computes every n-th batch (`core.shards`)."""
+    windows = windows or I.layer_windows(adapter.n_layers, window)
+    records = []
+    for b in shards.units(-(-len(items) // batch_size), shard):
+        chunk = items[b * batch_size:(b + 1) * batch_size]
+        batch = batch_of(adapter, chunk)
+        clean = I.CleanRun(adapter, batch)
+        answers, correct = models_own_answer(adapter, clean.logits, chunk)
+        base = answer_probability(clean.logits, answers)
+        for name, block in knockout_blocks(adapter, chunk, batch).items():
+            for w in tqdm(windows, desc=f"knockout {name}", leave=False):
+                drop = (base - answer_probability(clean.answer_logits(block, w), answers)) / base
+                records += [{"knockout": name, "first_layer": w[0], "item": b * batch_size + j, "drop": float(d),
+                             "correct": bool(c)} for j, (d, c) in enumerate(zip(drop, correct))]
+        del clean  # its keys, values and layer outputs are the largest thing this loop holds
+    return pd.DataFrame(records, columns=["knockout", "first_layer", "item", "drop", "correct"])
+
+
+def knockout_summary(records: pd.DataFrame) -> pd.DataFrame:
+    """Per knockout and window: the mean drop over the items answered right, with a 95% CI."""
+    rows = []
+    for (name, layer), part in records.groupby(["knockout", "first_layer"], sort=False):
+        d = part[part.correct].sort_values("item")["drop"].to_numpy()
+        mean, lo, hi = stats.mean_interval(d)
+        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
 def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
                    windows: list[list[int]] | None = None) -> pd.DataFrame:
     """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
@@ -267,28 +315,10 @@ def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int 
     sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once). Each knockout
     re-runs only the positions and layers it changes (`interventions.CleanRun`).
     """
-    windows = windows or I.layer_windows(adapter.n_layers, window)
-    drops: dict[tuple[str, int], list[torch.Tensor]] = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = batch_of(adapter, chunk)
-        clean = I.CleanRun(adapter, batch)
-        answers, correct = models_own_answer(adapter, clean.logits, chunk)
-        base = answer_probability(clean.logits, answers)
-        blocks = knockout_blocks(adapter, chunk, batch)
-        for name, block in blocks.items():
-            for w in tqdm(windows, desc=f"knockout {name}", leave=False):
-                p = answer_probability(clean.answer_logits(block, w), answers)
-                drops.setdefault((name, w[0]), []).append(((base - p) / base)[correct])
-        del clean  # its keys, values and layer outputs are the largest thing this loop holds
-    rows = []
-    for (name, layer), values in drops.items():
-        d = torch.cat(values).numpy()
-        mean, lo, hi = stats.mean_interval(d)
-        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean, "ci_low": lo, "ci_high": hi})
-    if not any(len(torch.cat(v)) for v in drops.values()):
+    records = knockout_records(adapter, items, window, batch_size, windows)
+    if not records.correct.any():
         warnings.warn(unanswered_note("knockout", len(items)), stacklevel=2)
-    return pd.DataFrame(rows)
+    return knockout_summary(records)
 
 
 def knockout_peak(curve: pd.DataFrame, n_layers: int, window: int, knockout: str = "object → last") -> dict:

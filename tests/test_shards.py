@@ -1,0 +1,77 @@
+"""Sweeps split into shards merge into exactly what one run gives (`core.shards`, `workshop.sweep`)."""
+import pandas as pd
+import pytest
+import torch
+
+from vlminterp_utils import latentlens as LL, localization as L
+from vlminterp_utils.core import shards
+from vlminterp_utils.workshop import sweep
+
+
+def test_shards_partition_the_units_and_bad_specs_say_how_to_write_them(monkeypatch):
+    parts = [shards.units(10, f"{i}/3") for i in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10)) and parts[0] == [0, 3, 6, 9]
+    assert shards.units(4, None) == [0, 1, 2, 3]
+    for bad in ("3/3", "1-2", "a/b"):
+        with pytest.raises(ValueError, match="'i/n'"):
+            shards.parse(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert shards.from_environment() == "1/4"
+
+
+def test_missing_parts_are_named(tmp_path):
+    shards.save_table(pd.DataFrame({"x": [1]}), tmp_path, "ablation", "0/3")
+    shards.save_table(pd.DataFrame({"x": [2]}), tmp_path, "ablation", "2/3")
+    with pytest.raises(ValueError, match="missing ablation.part-1-of-3.parquet"):
+        shards.load_tables(tmp_path, "ablation")
+    with pytest.raises(ValueError, match="no parts"):
+        shards.load_tables(tmp_path, "knockout")
+
+
+@pytest.mark.filterwarnings("ignore:no .* answered correctly")  # a random tiny model
+def test_two_ablation_shards_equal_one_run(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    kwargs = dict(settings=("vqa", "polling"), buffers=(0, 1), n=5, batch_size=2)
+    whole = L.ablation_sweep(adapter, **kwargs)
+    parts = [L.ablation_sweep(adapter, **kwargs, shard=f"{i}/2") for i in range(2)]
+    assert 0 < len(parts[1]) < len(whole)
+    merged = pd.concat(parts).sort_values(["setting", "method", "buffer", "item"]).reset_index(drop=True)
+    assert merged.equals(whole.sort_values(["setting", "method", "buffer", "item"]).reset_index(drop=True))
+    pd.testing.assert_frame_equal(L.flip_table(pd.concat(parts)), L.flip_table(whole))
+
+
+def test_two_knockout_shards_equal_one_run(tiny):
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 5, 0, adapter.image_size)
+    whole = L.knockout_records(adapter, items, window=2, batch_size=2)
+    parts = pd.concat([L.knockout_records(adapter, items, window=2, batch_size=2, shard=f"{i}/2") for i in range(2)])
+    key = ["knockout", "first_layer", "item"]
+    assert parts.sort_values(key).reset_index(drop=True).equals(whole.sort_values(key).reset_index(drop=True))
+
+
+def test_two_index_shards_merge_into_the_index_one_run_builds(tiny):
+    _, _, adapter = tiny
+    sentences = LL.load_corpus(limit=60)
+    whole = LL.build_index(adapter, sentences, layers=[1, 2], cap=3, batch_size=8)
+    parts = [LL.build_index(adapter, sentences, layers=[1, 2], cap=3, batch_size=8, shard=f"{i}/2")
+             for i in range(2)]
+    assert 0 < len(parts[0]) < len(whole)
+    merged = LL.merge_parts(parts)
+    assert merged.metadata.equals(whole.metadata)
+    assert all(torch.equal(merged.embeddings[layer], whole.embeddings[layer]) for layer in (1, 2))
+    with pytest.raises(ValueError, match="each entry of one index once"):
+        LL.merge_parts(parts[:1])
+
+
+@pytest.mark.filterwarnings("ignore:no .* answered correctly")
+def test_the_sweep_command_writes_parts_and_merges_them(tiny_llava_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path / "cache"))
+    common = ["--out", str(tmp_path / "runs"), "--model", str(tiny_llava_dir), "--n", "3", "--batch-size", "2",
+              "--window", "2"]
+    for i in range(2):
+        sweep.main(["knockout", "--shard", f"{i}/2", *common])
+    sweep.main(["merge", "knockout", *common])
+    curve = pd.read_parquet(tmp_path / "runs" / "knockout.parquet")
+    assert set(curve.knockout) == {"object → last", "non-object → last", "object → last row"}
