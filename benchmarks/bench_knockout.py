@@ -50,6 +50,8 @@ def main():
     _, _, adapter = load_vlm(args.model, device="cpu", dtype=torch.float32)
     items = L.make_items("vqa", args.items, 0, adapter.image_size)
     windows = I.layer_windows(adapter.n_layers, args.window)
+    with torch.no_grad():  # warm-up: the first forward pass of a process pays for allocations, not measured
+        adapter.model(**L.batch_of(adapter, items))
     times, curves = {}, {}
     for name, fn in (("cached", cached_curve), ("full", full_rerun_curve)):
         start = time.perf_counter()

@@ -7,10 +7,12 @@ book's pages and config, and the book is built from there with execution switche
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import papermill
@@ -19,9 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "_build" / "stage"
 
 
+def execute(nb: Path, smoke: bool) -> str:
+    started = time.time()
+    papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": smoke},
+                               cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
+                               execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
+    return f"executed {nb.name} (smoke={smoke}) in {time.time() - started:.0f} s"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="run every notebook with smoke=True")
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed side by side (default 2)")
     parser.add_argument("notebooks", nargs="*", help="only these notebooks (default: all in notebooks/)")
     args = parser.parse_args(argv)
     if STAGE.exists():
@@ -31,13 +42,11 @@ def main(argv=None) -> None:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, STAGE / item)
     notebooks = [Path(n) for n in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
-    for nb in notebooks:
-        started = time.time()
-        print(f"executing {nb.name} (smoke={args.smoke})", flush=True)
-        papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": args.smoke},
-                                   cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
-                                   execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
-        print(f"  done in {time.time() - started:.0f} s", flush=True)
+    if args.jobs > 1:  # kernels side by side, one thread each: the cores are shared, not oversubscribed
+        os.environ["OMP_NUM_THREADS"] = "1"
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for result in pool.map(lambda nb: execute(nb, args.smoke), notebooks):
+            print(result, flush=True)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     # -W: a warning fails the build, e.g. a number the prose quotes that the run did not glue.
     subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT), "-W", "--keep-going"],

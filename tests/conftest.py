@@ -1,11 +1,14 @@
 """Shared fixtures: a tiny random Llava (built here, no hub) and the embedded shapes-llava."""
+import os
+
 import pytest
 import torch
 
 from tiny_models import build_tiny_llava
 from vlminterp_utils import models
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Every chapter, executed with papermill in smoke mode on a tiny random checkpoint of each llava-hf family,
 loaded from a folder through `model_id`, as a reader loads a real one in Colab."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def outputs_text(nb: dict) -> str:
 def test_chapter_runs_on_the_family(family, notebook, checkpoints, tmp_path, monkeypatch):
     import papermill
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path / "cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the kernel computes on one thread, like its worker
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / notebook.name
     papermill.execute_notebook(str(notebook), str(out), parameters={"smoke": True,
                                                                     "model_id": str(checkpoints[family])},

@@ -174,7 +174,8 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
                 after = _correct(adapter, chunk, batch, setting)
             records += [{"setting": setting, "method": method, "buffer": buffer, "mode": mode,
-                         "item": b * batch_size + j, "before": x, "after": y} for j, (x, y) in enumerate(zip(before, after))]
+                         "item": b * batch_size + j, "before": x, "after": y}
+                        for j, (x, y) in enumerate(zip(before, after))]
     return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "item", "before", "after"])
 
 

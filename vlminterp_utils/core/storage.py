@@ -90,7 +90,7 @@ def cached_artefact(kind: str, key: str, build: Callable[[], T], save: Callable[
     if cache and path.exists():
         return load(path)
     obj = build()
-    if cache:
+    if cache and not (folder and path.exists()):  # a folder another process built meanwhile is the same artefact
         with atomic_path(path, folder=folder) as tmp:
             save(obj, tmp)
     return obj
