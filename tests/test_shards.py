@@ -75,3 +75,20 @@ def test_the_sweep_command_writes_parts_and_merges_them(tiny_llava_dir, tmp_path
     sweep.main(["merge", "knockout", *common])
     curve = pd.read_parquet(tmp_path / "runs" / "knockout.parquet")
     assert set(curve.knockout) == {"object → last", "non-object → last", "object → last row"}
+
+
+def test_two_mimic_grid_shards_equal_one_run(tiny, monkeypatch, tmp_path):
+    from vlminterp_utils import inversion as V
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    ablations = {name: V.ABLATIONS[name] for name in ("CE only", "all")}
+    kwargs = dict(concepts=[("red", "circle")], seeds=(0, 1), base=V.InversionConfig(steps=2, progress=False),
+                  ablations=ablations)
+    whole, whole_images = V.ablation_grid(adapter, **kwargs)
+    parts = [V.ablation_grid(adapter, **kwargs, shard=f"{i}/2") for i in range(2)]
+    key = ["ablation", "seed", "concept"]
+    merged = pd.concat([table for table, _ in parts]).sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(merged, whole.sort_values(key).reset_index(drop=True))
+    images = {**parts[0][1], **parts[1][1]}
+    assert images.keys() == whole_images.keys()
+    assert all(images[k].tobytes() == whole_images[k].tobytes() for k in images)
