@@ -5,6 +5,7 @@ and removed on exit, also when the body raises.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
@@ -191,10 +192,13 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
 
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("past_key_values")
-        n_q = hidden.shape[1]
-        n_k = n_q + (cache.get_seq_length(module.layer_idx) if cache is not None else 0)
-        kwargs["attention_mask"] = _knocked_out(kwargs.get("attention_mask"), block, n_q, n_k)
+        mask, n_q = kwargs.get("attention_mask"), hidden.shape[1]
+        if mask is not None:
+            n_k = mask.shape[-1]
+        else:  # keys: the cached ones (transformers 5.24 renamed `past_key_values` to `cache`) and the new ones
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            n_k = n_q + (cache.get_seq_length(module.layer_idx) if cache is not None else 0)
+        kwargs["attention_mask"] = _knocked_out(mask, block, n_q, n_k)
         return args, kwargs
 
     try:
@@ -204,6 +208,11 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
     finally:
         for h in handles:
             h.remove()
+
+
+def _cache_argument(module) -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`: the name this version takes."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class CleanRun:
@@ -238,7 +247,8 @@ class CleanRun:
             for h in handles:
                 h.remove()
         self.embeds, self.logits = captured["embeds"], out.logits[:, -1]
-        self.keys_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        cache = out.get("cache", out.get("past_key_values"))  # renamed `cache` in transformers 5.24
+        self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _prefix_cache(self, length: int):
         from transformers import DynamicCache
@@ -267,9 +277,9 @@ class CleanRun:
         if not layers or len(queries) == 0:
             return self.logits
         start = int(queries[0])
+        language_model = self.adapter.language_model
+        cache = {_cache_argument(language_model): self._prefix_cache(start)}
         with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
-            hidden = self.adapter.language_model(inputs_embeds=self.embeds[:, start:],
-                                                 attention_mask=self.attention_mask,
-                                                 past_key_values=self._prefix_cache(start),
-                                                 use_cache=True).last_hidden_state
+            hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self.attention_mask,
+                                    use_cache=True, **cache).last_hidden_state
         return self.adapter.unembedding(hidden[:, -1])
