@@ -247,7 +247,7 @@ class CleanRun:
             for h in handles:
                 h.remove()
         self.embeds, self.logits = captured["embeds"], out.logits[:, -1]
-        cache = out.get("cache", out.get("past_key_values"))  # renamed `cache` in transformers 5.24
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _prefix_cache(self, length: int):
