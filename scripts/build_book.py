@@ -32,7 +32,8 @@ def execute(nb: Path, smoke: bool) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="run every notebook with smoke=True")
-    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed side by side (default 2)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="notebooks executed side by side, one thread each (default: 2 with --smoke, else 1)")
     parser.add_argument("notebooks", nargs="*", help="only these notebooks (default: all in notebooks/)")
     args = parser.parse_args(argv)
     if STAGE.exists():
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, STAGE / item)
     notebooks = [Path(n) for n in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    # Smoke chapters are short and end close together: two side by side, one thread each. In full, one chapter
+    # (MIMIC) outlasts the others by far and would be left on one thread: one at a time, all threads.
+    args.jobs = args.jobs or (2 if args.smoke else 1)
     if args.jobs > 1:  # kernels side by side, one thread each: the cores are shared, not oversubscribed
         os.environ["OMP_NUM_THREADS"] = "1"
     with ThreadPoolExecutor(args.jobs) as pool:
