@@ -249,6 +249,7 @@ class CleanRun:
         self.embeds, self.logits = captured["embeds"], out.logits[:, -1]
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
+        self.cache_argument = _cache_argument(adapter.language_model)  # once, not per knockout
 
     def _prefix_cache(self, length: int):
         from transformers import DynamicCache
@@ -278,7 +279,7 @@ class CleanRun:
             return self.logits
         start = int(queries[0])
         language_model = self.adapter.language_model
-        cache = {_cache_argument(language_model): self._prefix_cache(start)}
+        cache = {self.cache_argument: self._prefix_cache(start)}
         with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
             hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self.attention_mask,
                                     use_cache=True, **cache).last_hidden_state
