@@ -59,6 +59,20 @@ def test_word_token_ids_and_lens_views(tiny):
     assert len(tops) == adapter.n_layers + 1 and len(tops[0]) == adapter.n_visual_tokens
 
 
+def test_the_lens_explorer_redraws_when_its_slider_moves(tiny):
+    """A slider and an image widget, no `interact` (whose Output widget hung papermill for 10 minutes)."""
+    from vlminterp_utils import plotting
+    _, _, adapter = tiny
+    example = shapes.example(0, 0, "caption", size=adapter.image_size)
+    _, tops = L.lens_views(adapter, example, "red")
+    regions = adapter.token_regions(example.scene.image.size)
+    slider, picture = plotting.lens_explorer(example.scene.image, tops, regions).children
+    first = bytes(picture.value)
+    assert first.startswith(b"\x89PNG") and slider.max == adapter.n_layers
+    slider.value = adapter.n_layers
+    assert bytes(picture.value) != first
+
+
 def test_the_judge_matches_words_not_substrings():
     obj = shapes.render_scene([("red", "circle", 10, 10, 16)]).objects[0]
     assert lenses.normalize_word(" Circles") == "circle"

@@ -154,17 +154,28 @@ def _word_grid(ax, image, words, regions, shown=None):
 
 def lens_explorer(image, words_per_layer: list[list[str]], regions: np.ndarray, title: str = "logit lens",
                   shown=None):
-    """An ipywidgets slider over layers showing each patch's top word on the image."""
+    """An ipywidgets slider over layers showing each patch's top word on the image (display the returned box).
+
+    An image widget redrawn on each move, not `widgets.interact`: interact's Output widget can deadlock
+    papermill / nbclient when a notebook runs unattended (jupyter/nbclient#312).
+    """
+    import io
+
     import ipywidgets as widgets
 
-    def show(layer):
+    def render(layer: int) -> bytes:
         fig, ax = plt.subplots(figsize=(5, 5))
         _word_grid(ax, image, words_per_layer[layer], regions, shown)
         ax.set_title(f"{title}: layer {layer}", fontsize=9)
-        plt.show()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
 
-    return widgets.interact(show, layer=widgets.IntSlider(0, 0, len(words_per_layer) - 1, 1,
-                                                          continuous_update=False))
+    slider = widgets.IntSlider(0, 0, len(words_per_layer) - 1, 1, description="layer", continuous_update=False)
+    picture = widgets.Image(value=render(0), format="png")
+    slider.observe(lambda change: setattr(picture, "value", render(change["new"])), names="value")
+    return widgets.VBox([slider, picture])
 
 
 def lens_html(image, words_per_layer: list[list[str]], regions: np.ndarray, path, title: str = "logit lens",
