@@ -54,3 +54,8 @@ class GridAdapter(models.VLMAdapter):
 @pytest.fixture
 def grid_adapter():
     return GridAdapter(None, None)
+
+
+def pytest_collection_modifyitems(items):
+    """Long tests first: under pytest-xdist a long test collected last would leave one worker running it alone."""
+    items.sort(key=lambda item: not (item.get_closest_marker("phenomenon") or item.get_closest_marker("slow")))

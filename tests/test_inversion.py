@@ -91,16 +91,18 @@ def test_gaussian_blur_keeps_flat_images_and_mass():
 
 @pytest.mark.phenomenon
 def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llava):
-    """MIMIC's point, on shapes-llava: 6 concepts, seed 0, 150 steps each (5 to 8 minutes on 2 CPU cores). The
-    independent classifier names the target in more of the full-recipe inversions than of the CE-only ones.
-    Measured on the shipped weights: 2 of 6 with all terms, 0 of 6 with CE alone (noise textures that still reach
-    the target answer); the three earlier versions of the weights gave 3, 2 and 4 of 6 with all terms. At 60 to 80
-    steps neither recipe had converged (0 vs 0), hence 150."""
+    """MIMIC's point, on shapes-llava: 6 concepts (the chapter's four and two more), seed 0, the default recipe
+    (75 steps at lr 0.1; 4 to 7 minutes on one CPU core). The independent classifier names the target in more of
+    the full-recipe inversions than of the CE-only ones. Measured on the shipped weights: 3 of 6 with all terms,
+    0 of 6 with CE alone (textures of the answer's probability, never a shape); at 150 steps, lr 0.05, 2 vs 0; at 75
+    steps, lr 0.05, 1 vs 0 (see `InversionConfig`). Strictly more is the claim; the margin is small, so the test
+    asks for no more."""
     _, _, adapter = shapes_llava
     concepts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square"),
                 ("purple", "circle"), ("red", "triangle")]
-    table, _ = V.ablation_grid(adapter, concepts, seeds=(0,), base=V.InversionConfig(steps=150,
-                               progress=False), ablations={k: V.ABLATIONS[k] for k in ("CE only", "all")})
+    recipes = {k: V.ABLATIONS[k] for k in ("CE only", "all")}
+    table, _ = V.ablation_grid(adapter, concepts, seeds=(0,), base=V.InversionConfig(progress=False),
+                               ablations=recipes)
     recognised = table.groupby("ablation").recognised.sum()
     print("recognised of 6:", recognised.to_dict())
     assert recognised["all"] > recognised["CE only"], table

@@ -34,12 +34,13 @@ class InversionConfig:
 
     The prior weights were chosen by eye on shapes-llava: with TV-L2 2, patch 1 and L2 0.05 the images stayed
     high-frequency noise with visible patch seams; these remove most of both while the target's probability still
-    reaches about 0.9 or more. 150 steps: at 60 to 80 the feature term has not converged and no image is
-    recognisable; at 150, half to three quarters of them are (chapter 3).
+    reaches about 0.9 or more. Steps and learning rate, measured on 6 concepts, seed 0 (images the independent
+    classifier names, all terms vs CE only): 150 steps at lr 0.05, 2 vs 0 of 6; 75 at 0.05, 1 vs 0; 75 at 0.1,
+    3 vs 0, in half the time of 150 steps.
     """
 
-    steps: int = 150
-    lr: float = 0.05
+    steps: int = 75
+    lr: float = 0.1
     ce: float = 1.0
     feature: float = 1.0
     patch: float = 30.0
