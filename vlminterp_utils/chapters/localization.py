@@ -154,7 +154,7 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
 
 def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[str, int, str]], seed: int = 0,
                      batch_size: int = 16, mean_token: torch.Tensor | None = None,
-                     shard: str | None = None) -> pd.DataFrame:
+                     shard: str | None = None, ig_steps: int = 8) -> pd.DataFrame:
     """Per item and (method, buffer, mode) job: is the answer right before, and after ablating?
 
     The work the jobs share is done once per batch: the un-ablated answers, and the norms and attributions a
@@ -167,7 +167,8 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[
         chunk = items[b * batch_size:(b + 1) * batch_size]
         batch = batch_of(adapter, chunk)
         before = _correct(adapter, chunk, batch, setting)
-        scores = {m: selection_scores(adapter, chunk, batch, m, mean_token) for m in dict.fromkeys(j[0] for j in jobs)}
+        scores = {m: selection_scores(adapter, chunk, batch, m, mean_token, ig_steps)
+                  for m in dict.fromkeys(j[0] for j in jobs)}
         for method, buffer, mode in jobs:
             rng = np.random.default_rng([seed, b])
             masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token, scores=scores[method])
@@ -214,26 +215,27 @@ def explain_unanswered(table: pd.DataFrame) -> str:
 
 def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
                    n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16, shard: str | None = None) -> pd.DataFrame:
-    """The per-item records behind `ablation_table`, for every setting; `shard="i/n"` computes one part of them."""
+                   batch_size: int = 16, shard: str | None = None, ig_steps: int = 8) -> pd.DataFrame:
+    """The per-item records behind `ablation_table`, for every setting; `shard="i/n"` computes one part of them.
+    `ig_steps`: Riemann steps of the integrated gradients the high-gradient control ranks tokens by."""
     mean_token = I.mean_visual_token(adapter)
     jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods]
     parts = []
     for setting in tqdm(settings, desc="ablations"):
         items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
-        parts.append(ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, shard))
+        parts.append(ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, shard, ig_steps))
     return pd.concat(parts, ignore_index=True)
 
 
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
                    n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16) -> pd.DataFrame:
+                   batch_size: int = 16, ig_steps: int = 8) -> pd.DataFrame:
     """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode.
 
     `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
     model on a 16 GB GPU)."""
     records = ablation_sweep(adapter, settings, methods, buffers, modes, n, seed, question_suffix, answer_prefix,
-                             batch_size)
+                             batch_size, ig_steps=ig_steps)
     table = flip_table(records, seed)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
