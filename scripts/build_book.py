@@ -7,6 +7,7 @@ book's pages and config, and the book is built from there with execution switche
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +22,25 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "_build" / "stage"
 
 
+def hide_injected_parameters(nb: dict) -> None:
+    """Tag papermill's injected-parameters cell `remove-cell`: the web page shows the reader's parameters cell."""
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+
+
 def execute(nb: Path, smoke: bool) -> str:
     started = time.time()
-    papermill.execute_notebook(str(nb), str(STAGE / "notebooks" / nb.name), parameters={"smoke": smoke},
+    out = STAGE / "notebooks" / nb.name
+    papermill.execute_notebook(str(nb), str(out), parameters={"smoke": smoke},
                                cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
                                execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
+    executed = json.loads(out.read_text())
+    hide_injected_parameters(executed)
+    tmp = out.with_suffix(".tmp")  # no half-written notebook if the build is stopped here
+    tmp.write_text(json.dumps(executed, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(out)
     return f"executed {nb.name} (smoke={smoke}) in {time.time() - started:.0f} s"
 
 

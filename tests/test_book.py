@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 GLUE_ROLE = re.compile(r"\{glue(:\w+)?\}`[^`]*`")
 # A typed measurement: a percentage, or a decimal such as 0.75. "95%" names an interval's level, not a result.
 TYPED_NUMBER = re.compile(r"(?<![\w.])(?!95%)\d+(\.\d+)?%|(?<![\w.])0\.\d+")
@@ -26,6 +27,7 @@ def test_a_colab_install_cell_then_a_parameters_cell(path):
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert "google.colab" in "".join(code[0]["source"])
+    assert "remove-cell" in code[0]["metadata"].get("tags", [])  # Colab's business: not on the web page
     assert "parameters" in code[1]["metadata"].get("tags", [])
     params = "".join(code[1]["source"])
     assert "model_id =" in params and "smoke = False" in params and "device =" in params
@@ -58,3 +60,15 @@ def test_every_cell_has_a_unique_id(path):
     """nbformat 4.5 cell ids: papermill and the book build warn without them, and will refuse."""
     ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]
     assert all(ids) and len(set(ids)) == len(ids)
+
+
+def test_the_book_build_removes_papermills_injected_parameters_from_the_page():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "smoke = True"},
+                    {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "smoke = False"}]}
+    build_book.hide_injected_parameters(nb)
+    assert nb["cells"][0]["metadata"]["tags"] == ["injected-parameters", "remove-cell"]
+    assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]  # the reader's knobs stay on the page
