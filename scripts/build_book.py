@@ -18,6 +18,8 @@ from pathlib import Path
 
 import papermill
 
+from vlminterp_utils.core.storage import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "_build" / "stage"
 
@@ -38,9 +40,7 @@ def execute(nb: Path, smoke: bool) -> str:
                                execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
     executed = json.loads(out.read_text())
     hide_injected_parameters(executed)
-    tmp = out.with_suffix(".tmp")  # no half-written notebook if the build is stopped here
-    tmp.write_text(json.dumps(executed, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    write_text(out, json.dumps(executed, indent=1, ensure_ascii=False) + "\n")  # atomic: never half-written
     return f"executed {nb.name} (smoke={smoke}) in {time.time() - started:.0f} s"
 
 
