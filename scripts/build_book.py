@@ -13,11 +13,12 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import papermill
 
+from vlminterp_utils.chapters.plotting import FIGURES
 from vlminterp_utils.core.storage import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,20 @@ def hide_injected_parameters(nb: dict) -> None:
         tags = cell.get("metadata", {}).get("tags", [])
         if "injected-parameters" in tags and "remove-cell" not in tags:
             tags.append("remove-cell")
+
+
+def publish_chapter_files(executed: Path, html: Path) -> list[Path]:
+    """Copy what the chapters wrote next to themselves (standalone viewers `*.html`, `figures/` for slides) to
+    their pages' folder in the web book, where the chapters link them by relative paths."""
+    html.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in sorted(executed.iterdir()):
+        if item.suffix == ".html":
+            copied.append(Path(shutil.copy2(item, html / item.name)))
+        elif item.is_dir() and item.name == FIGURES:
+            shutil.copytree(item, html / item.name, dirs_exist_ok=True)
+            copied.append(html / item.name)
+    return copied
 
 
 def execute(nb: Path, smoke: bool) -> str:
@@ -54,7 +69,7 @@ def main(argv=None) -> None:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "notebooks").mkdir(parents=True)
-    for item in ("_config.yml", "_toc.yml", "book"):
+    for item in ("_config.yml", "_toc.yml", "_static", "book"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, STAGE / item)
     notebooks = [Path(n) for n in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -63,13 +78,19 @@ def main(argv=None) -> None:
     args.jobs = args.jobs or (2 if args.smoke else 1)
     if args.jobs > 1:  # kernels side by side, one thread each: the cores are shared, not oversubscribed
         os.environ["OMP_NUM_THREADS"] = "1"
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for result in pool.map(lambda nb: execute(nb, args.smoke), notebooks):
+    # Processes, not threads: papermill's `cwd` is a process-wide chdir, and two threads racing on it started a
+    # kernel in the repository root, where its chapter wrote its figures and viewer instead of next to itself.
+    # Later chapters run longer (MIMIC last): started first, the short ones fill in beside them.
+    order = sorted(notebooks, key=lambda nb: nb.name, reverse=True) if args.jobs > 1 else notebooks
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for result in pool.map(execute, order, [args.smoke] * len(order)):
             print(result, flush=True)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     # -W: a warning fails the build, e.g. a number the prose quotes that the run did not glue.
     subprocess.run([str(jupyter_book), "build", str(STAGE), "--path-output", str(ROOT), "-W", "--keep-going"],
                    check=True)
+    published = publish_chapter_files(STAGE / "notebooks", ROOT / "_build" / "html" / "notebooks")
+    print(f"published with the chapters: {', '.join(p.name for p in published) or 'nothing'}")
     print(f"book: {ROOT / '_build' / 'html' / 'index.html'}")
 
 

@@ -59,18 +59,26 @@ def test_word_token_ids_and_lens_views(tiny):
     assert len(tops) == adapter.n_layers + 1 and len(tops[0]) == adapter.n_visual_tokens
 
 
-def test_the_lens_explorer_redraws_when_its_slider_moves(tiny):
-    """A slider and an image widget, no `interact` (whose Output widget hung papermill for 10 minutes)."""
+def test_the_lens_viewer_holds_every_layer_of_every_lens_and_escapes_words(tiny):
+    """The viewer runs in the browser (no kernel); tests/test_browser.py moves its slider in Chromium."""
+    import html
+    import json
+    import re
+
     from vlminterp_utils import plotting
     _, _, adapter = tiny
     example = shapes.example(0, 0, "caption", size=adapter.image_size)
     _, tops = L.lens_views(adapter, example, "red")
     regions = adapter.token_regions(example.scene.image.size)
-    slider, picture = plotting.lens_explorer(example.scene.image, tops, regions).children
-    first = bytes(picture.value)
-    assert first.startswith(b"\x89PNG") and slider.max == adapter.n_layers
-    slider.value = adapter.n_layers
-    assert bytes(picture.value) != first
+    tops[1][0] = "</script><b>"  # a word must not end the viewer's script
+    page = plotting.viewer_page(example.scene.image, {"logit lens": tops, "copy": tops[::-1]}, regions)
+    assert page.count("</script>") == 1 and '<select id="n">' in page
+    data = json.loads(re.search(r"const D=(.*?), B=", page).group(1).replace("<\\/", "</"))
+    assert data["logit lens"] == tops and data["copy"] == tops[::-1]
+    single = plotting.viewer_page(example.scene.image, {"logit lens": tops}, regions)
+    assert '<select id="n" hidden>' in single  # one lens: no menu
+    inline = plotting.lens_viewer(example.scene.image, tops, regions).data
+    assert '<iframe class="lens-viewer" srcdoc="' in inline and html.unescape(inline).count("</script>") == 1
 
 
 def test_the_judge_matches_words_not_substrings():

@@ -9,6 +9,34 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
 
+FIGURES = "figures"  # where `show` saves figures for slides, next to the notebook (and the chapter's web page)
+
+
+def save_figure(fig, name: str, folder=FIGURES, formats=("png", "svg"), dpi: int = 200) -> list:
+    """Save a figure for slides, once per format (PNG at `dpi`, SVG as vectors); each file written atomically."""
+    from pathlib import Path
+
+    from ..core.storage import atomic_path
+    paths = []
+    for fmt in formats:
+        path = Path(folder) / f"{name}.{fmt}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def show(fig=None, name: str | None = None, folder=FIGURES):
+    """Show a figure; with `name`, also save it as PNG and SVG (`save_figure`) and link both under it."""
+    from IPython.display import HTML, display
+    fig = fig or plt.gcf()
+    if name:
+        links = " · ".join(f'<a href="{p.as_posix()}">{p.suffix[1:].upper()}</a>' for p in save_figure(fig, name, folder))
+        plt.show()
+        display(HTML(f'<p class="figure-export">for slides: {links}</p>'))
+    else:
+        plt.show()
+
 
 def _shown(regions: np.ndarray, shown) -> np.ndarray:
     """Indices of the tokens to draw: those in `shown` (bool mask) that show a patch."""
@@ -111,15 +139,21 @@ def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title:
 
 
 def patch_heatmaps(image, maps: np.ndarray, titles: list[str], regions: np.ndarray, vmax: float | None = None,
-                   cmap: str = "magma", shown=None):
-    """Per-token values (n_maps, n_visual) drawn over each token's patch of the image, one panel each."""
+                   cmap: str = "magma", shown=None, ncols: int = 4):
+    """Per-token values (n_maps, n_visual) drawn over each token's patch of the image, one panel each, in rows of
+    at most `ncols` panels (the image first), so that the panels stay readable at the book's page width."""
     from matplotlib.collections import PatchCollection
     from matplotlib.colors import Normalize
 
-    n = len(maps)
-    fig, axes = plt.subplots(1, n + 1, figsize=(2.1 * (n + 1), 2.4))
+    n = len(maps) + 1
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.7 * nrows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.axis("off")
     axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=8)
+    axes[0].set_title("image", fontsize=9)
     w, h = image.size
     idx = _shown(regions, shown)
     vmax = vmax if vmax is not None else float(np.max(np.asarray(maps)[:, idx]))
@@ -132,11 +166,11 @@ def patch_heatmaps(image, maps: np.ndarray, titles: list[str], regions: np.ndarr
         ax.add_collection(cells)
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
-        ax.set_title(t, fontsize=8)
-    for ax in axes:
+        ax.set_title(t, fontsize=9)
+    for ax in axes[:n]:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(cells, ax=axes, fraction=0.02)
+    fig.colorbar(cells, ax=list(axes[:n]), fraction=0.03)
     return fig
 
 
@@ -152,40 +186,14 @@ def _word_grid(ax, image, words, regions, shown=None):
     ax.set_yticks([])
 
 
-def lens_explorer(image, words_per_layer: list[list[str]], regions: np.ndarray, title: str = "logit lens",
-                  shown=None):
-    """An ipywidgets slider over layers showing each patch's top word on the image (display the returned box).
-
-    An image widget redrawn on each move, not `widgets.interact`: interact's Output widget can deadlock
-    papermill / nbclient when a notebook runs unattended (jupyter/nbclient#312).
-    """
-    import io
-
-    import ipywidgets as widgets
-
-    def render(layer: int) -> bytes:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        _word_grid(ax, image, words_per_layer[layer], regions, shown)
-        ax.set_title(f"{title}: layer {layer}", fontsize=9)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
-
-    slider = widgets.IntSlider(0, 0, len(words_per_layer) - 1, 1, description="layer", continuous_update=False)
-    picture = widgets.Image(value=render(0), format="png")
-    slider.observe(lambda change: setattr(picture, "value", render(change["new"])), names="value")
-    return widgets.VBox([slider, picture])
-
-
-def lens_html(image, words_per_layer: list[list[str]], regions: np.ndarray, path, title: str = "logit lens",
-              shown=None):
-    """A standalone HTML viewer (no server, no Python): the image, a layer slider and each patch's top word."""
+def viewer_page(image, words: dict[str, list[list[str]]], regions: np.ndarray, title: str = "logit lens",
+                shown=None) -> str:
+    """A self-contained HTML page (no server, no Python): the image, a layer slider, a lens menu when there are
+    several lenses, and each patch's top word. `words[lens][layer][token]`."""
     import base64
+    import html
     import io
     import json
-
-    from ..core.storage import write_text
 
     side = 512
     buf = io.BytesIO()
@@ -194,22 +202,52 @@ def lens_html(image, words_per_layer: list[list[str]], regions: np.ndarray, path
     idx = _shown(regions, shown)
     boxes = [[round(v, 1) for v in (x0 * side / w, y0 * side / h, (x1 - x0) * side / w, (y1 - y0) * side / h)]
              for x0, y0, x1, y1 in regions[idx]]
-    words = [[layer[i] for i in idx] for layer in words_per_layer]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body{{font-family:sans-serif}} #g{{position:relative;width:{side}px;height:{side}px;
+    data = {name: [[layer[i] for i in idx] for layer in per_layer] for name, per_layer in words.items()}
+    names = list(data)
+    menu = "".join(f"<option>{html.escape(n)}</option>" for n in names)
+    hidden = "" if len(names) > 1 else " hidden"
+    last = len(data[names[0]]) - 1
+    # JSON inside <script>: "</" must not close the script element early.
+    words_json = json.dumps(data).replace("</", "<\\/")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+body{{font-family:sans-serif;margin:8px}} #g{{position:relative;width:{side}px;height:{side}px;
 background:url(data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()});}}
-#g div{{position:absolute;display:flex;align-items:center;
+#g div{{position:absolute;display:flex;align-items:center;overflow:hidden;
 justify-content:center;font-size:11px;background:rgba(255,255,255,.45);outline:1px solid rgba(0,0,0,.15)}}
-</style></head><body><h3>{title}</h3>
-<label>layer <input id="s" type="range" min="0" max="{len(words_per_layer) - 1}" value="0"> <span id="l">0</span>
+</style></head><body><h3>{html.escape(title)}</h3>
+<select id="n"{hidden}>{menu}</select>
+<label>layer <input id="s" type="range" min="0" max="{last}" value="0"> <span id="l">0</span>
 </label><div id="g"></div><script>
-const W={json.dumps(words)}, B={json.dumps(boxes)}, g=document.getElementById('g');
-function draw(k){{g.innerHTML='';W[k].forEach((w,p)=>{{const d=document.createElement('div'),b=B[p];
+const D={words_json}, B={json.dumps(boxes)}, g=document.getElementById('g'),
+  s=document.getElementById('s'), n=document.getElementById('n');
+function draw(){{const k=+s.value, W=D[n.value][k]; g.innerHTML='';
+W.forEach((w,p)=>{{const d=document.createElement('div'),b=B[p];
 d.style.left=b[0]+'px';d.style.top=b[1]+'px';d.style.width=b[2]+'px';d.style.height=b[3]+'px';
-d.textContent=w;g.appendChild(d);}});document.getElementById('l').textContent=k;}}
-document.getElementById('s').oninput=e=>draw(+e.target.value);draw(0);
+d.textContent=w;d.title=w;g.appendChild(d);}});document.getElementById('l').textContent=k;}}
+s.oninput=draw; n.onchange=()=>{{s.max=D[n.value].length-1; draw();}}; draw();
 </script></body></html>"""
-    return write_text(path, page)
+
+
+def _as_lenses(words, title: str) -> dict[str, list[list[str]]]:
+    return words if isinstance(words, dict) else {title: words}
+
+
+def lens_html(image, words, regions: np.ndarray, path, title: str = "logit lens", shown=None):
+    """Write the standalone viewer (`viewer_page`) to `path`; `words` per layer, or a dict of them per lens."""
+    from ..core.storage import write_text
+    return write_text(path, viewer_page(image, _as_lenses(words, title), regions, title, shown))
+
+
+def lens_viewer(image, words, regions: np.ndarray, title: str = "logit lens", shown=None, height: int = 620):
+    """The same viewer inline in the notebook's output: it runs in the browser, so it works in the static web
+    book (no kernel), in Colab and in Jupyter. (An ipywidgets slider would need a live kernel.)"""
+    import html
+
+    from IPython.display import HTML
+    page = viewer_page(image, _as_lenses(words, title), regions, title, shown)
+    # In a <div>: IPython warns about HTML that starts with an iframe, though srcdoc is what makes this one work.
+    return HTML(f'<div><iframe class="lens-viewer" srcdoc="{html.escape(page, quote=True)}" '
+                f'style="width:100%;max-width:560px;height:{height}px;border:0"></iframe></div>')
 
 
 def word_grids(image, words_by_name: dict[str, list[str]], regions: np.ndarray, suptitle: str | None = None,

@@ -14,11 +14,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool = False):
-    """One forward pass; hidden states of every layer (embeddings first) and attention weights on request."""
+def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool = False, logits_to_keep: int = 1):
+    """One forward pass; hidden states of every layer (embeddings first) and attention weights on request.
+
+    Logits only at the last `logits_to_keep` positions (0: every position): the unembedding is as wide as the
+    vocabulary, and over a whole prompt it can cost more than the LLM's layers."""
     if attentions and adapter.attn_implementation != "eager":
         raise ValueError("attention weights need eager attention: model.set_attn_implementation('eager')")
-    return adapter.model(**batch, output_hidden_states=hidden_states, output_attentions=attentions)
+    return adapter.model(**batch, output_hidden_states=hidden_states, output_attentions=attentions,
+                         logits_to_keep=logits_to_keep)
 
 
 @contextmanager
@@ -59,12 +63,29 @@ def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | No
             handle.remove()
 
 
+class _Captured(Exception):
+    """Raised once the visual tokens are in hand: the LLM after them is not needed."""
+
+
 @torch.no_grad()
 def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
-    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (after the projector)."""
+    """(batch, n_visual, d_model): the visual tokens as the LLM receives them (after the projector).
+
+    The forward pass stops where the LLM would start, so the LLM's layers and its vocabulary-wide unembedding
+    never run (with a tiny vision tower in front of a real LLM, they were nearly all of the cost)."""
     captured = []
-    with edit_visual_inputs(adapter, lambda visual: captured.append(visual.detach())):  # appends, returns None
-        adapter.model(**batch)
+
+    def capture(visual):
+        captured.append(visual.detach())
+        raise _Captured
+
+    try:
+        with edit_visual_inputs(adapter, capture):
+            adapter.model(**batch)
+    except _Captured:
+        pass
+    if not captured:
+        raise RuntimeError("the forward pass reached no visual tokens: does the batch hold an image?")
     return captured[0]
 
 
