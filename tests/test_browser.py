@@ -85,8 +85,13 @@ MOVE_TO_LAST = "(() => { const s = document.getElementById('s'); s.value = s.max
                "s.dispatchEvent(new Event('input')); return s.value; })()"
 
 
-def test_the_standalone_viewer_draws_its_grid_and_follows_its_layer_slider(browser):
-    page = open_page(browser, HTML / "notebooks" / "logit_lens_viewer.html")
+VIEWERS = {"01_visual_token_localization": "logit_lens_viewer.html",
+           "02_logitlens_vs_latentlens": "latentlens_viewer.html"}
+
+
+@pytest.mark.parametrize("name", VIEWERS.values())
+def test_the_standalone_viewers_draw_their_grid_and_follow_their_layer_slider(browser, name):
+    page = open_page(browser, HTML / "notebooks" / name)
     before = page.evaluate(VIEWER_STATE)
     page.evaluate(MOVE_TO_LAST)
     after = page.evaluate(VIEWER_STATE)
@@ -97,8 +102,20 @@ def test_the_standalone_viewer_draws_its_grid_and_follows_its_layer_slider(brows
     assert after["words"] == layer_words  # the grid shows the last layer's words, not the first's
 
 
-def test_the_chapter_embeds_a_viewer_that_works_without_a_kernel(browser):
-    page = open_page(browser, HTML / "notebooks" / "01_visual_token_localization.html")
+def test_the_lens_menu_switches_what_the_grid_shows(browser):
+    page = open_page(browser, HTML / "notebooks" / VIEWERS["02_logitlens_vs_latentlens"])
+    lenses = page.evaluate("Array.from(n.options).map(o => o.value)")
+    shown = []
+    for lens in lenses:
+        page.evaluate(f"n.value = {json.dumps(lens)}; n.dispatchEvent(new Event('change')); true")
+        shown.append((page.evaluate(VIEWER_STATE)["words"], page.evaluate("D[n.value][+s.value]")))
+    page.close()
+    assert len(lenses) == 3 and all(grid == data for grid, data in shown)
+
+
+@pytest.mark.parametrize("chapter", VIEWERS, ids=str)
+def test_the_chapters_embed_viewers_that_work_without_a_kernel(browser, chapter):
+    page = open_page(browser, HTML / "notebooks" / f"{chapter}.html")
     frame = "document.querySelector('iframe.lens-viewer').contentWindow"
     cells = page.evaluate(f"{frame}.document.querySelectorAll('#g div').length")
     page.evaluate(f"{frame}.eval({json.dumps(MOVE_TO_LAST)})")

@@ -108,9 +108,12 @@ def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_ll
     items = L.make_items("vqa", 64, 0, adapter.image_size)
     obj = L.ablation_flips(adapter, items, "vqa", "object", buffer=1, seed=0)
     rnd = L.ablation_flips(adapter, items, "vqa", "random", buffer=1, seed=0)
+    outside = L.ablation_flips(adapter, items, "vqa", "random_outside", buffer=1, seed=0)
     assert obj["initially_correct"] >= 40  # enough correct answers to measure flips on (measured: 62 of 64)
-    # Non-overlapping bootstrap 95% CIs: the gap is not sampling noise of this set of questions.
+    # Non-overlapping bootstrap 95% CIs: the gap is not sampling noise of this set of questions. Against random
+    # tokens drawn outside the object too, so the control cannot borrow the object's own tokens.
     assert obj["ci_low"] > rnd["ci_high"], (obj, rnd)
+    assert outside["overlap"] < rnd["overlap"] and obj["ci_low"] > outside["ci_high"], (obj, outside)
 
 
 @pytest.mark.phenomenon
@@ -139,6 +142,26 @@ def test_count_matched_controls_select_as_many_tokens_as_the_object(tiny):
         assert masks.shape == objects.shape and torch.equal(masks.sum(-1), objects.sum(-1)), method
     with pytest.raises(ValueError, match="known"):
         L.select_tokens(adapter, items, batch, "loudest", 1, rng, mean)
+
+
+def test_controls_outside_the_object_never_pick_its_tokens_and_say_their_overlap(grid_adapter):
+    """On shapes-llava's 8 x 8 grid: one small object, then one that leaves too few tokens outside it."""
+    small = shapes.render_scene([("red", "circle", 28, 28, 10)], size=64)
+    large = shapes.render_scene([("blue", "square", 4, 4, 56)], size=64)
+    items = [L.Item(shapes.Example(s, "What colour is it?", s.objects[0].color, "vqa_color", 0, (0,)), 0)
+             for s in (small, large)]
+    scores = torch.arange(64.0).repeat(2, 1)  # a high-norm-like ranking
+    rng = np.random.default_rng(0)
+    objects = L.select_tokens(grid_adapter, items, None, "object", 1, rng, None)
+    touched = [I.object_tokens(grid_adapter, it.example.scene, 0, [0]) for it in items]
+    for method in L.CONTROLS_OUTSIDE:
+        masks = L.select_tokens(grid_adapter, items, None, method, 1, rng, None, scores=scores)
+        assert masks[0].sum() == objects[0].sum() and not (masks[0].numpy() & touched[0]).any(), method
+        assert not masks[1].any()  # no count-matched control fits outside the large square: none is drawn
+    overlap = L.overlap_with_object(grid_adapter, items, objects)
+    assert overlap.tolist() == [1.0, 1.0]  # the object's own selection lies wholly in its buffer-1 tokens
+    plain = L.select_tokens(grid_adapter, items[:1], None, "high_norm", 1, rng, None, scores=scores[:1])
+    assert 0 <= L.overlap_with_object(grid_adapter, items[:1], plain)[0] <= 1
 
 
 @pytest.mark.filterwarnings("ignore:no .* answered correctly")  # a random tiny model; said and tested below

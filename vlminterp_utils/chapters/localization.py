@@ -19,6 +19,11 @@ from . import interventions as I
 from . import lenses
 
 METHODS = ("object", "random", "high_norm", "high_gradient")
+# The same controls drawn only from tokens whose patch does not show the target object: the plain controls may
+# pick the object's own tokens (on a plain background its tokens are often the highest-norm, most-attributed ones).
+OUTSIDE = "_outside"
+CONTROLS_OUTSIDE = tuple(m + OUTSIDE for m in METHODS[1:])
+METHODS_WITH_OUTSIDE = METHODS[:1] + tuple(x for m in METHODS[1:] for x in (m, m + OUTSIDE))  # twins side by side
 SETTINGS = ("vqa", "polling", "generative")
 
 
@@ -108,7 +113,9 @@ def attribution_target(adapter, item: Item) -> tuple[str, int]:
 def selection_scores(adapter, items: list[Item], batch: dict, method: str, baseline: torch.Tensor,
                      ig_steps: int = 8) -> torch.Tensor | None:
     """(batch, n_visual) scores a control ranks tokens by: norms (high-norm), |integrated gradients|
-    (high-gradient); None for the object's tokens and random ones, which need no model."""
+    (high-gradient); None for the object's tokens and random ones, which need no model. A control drawn outside
+    the object ranks by the same scores."""
+    method = method.removesuffix(OUTSIDE)
     if method in ("object", "random"):
         return None
     if method == "high_norm":
@@ -117,26 +124,45 @@ def selection_scores(adapter, items: list[Item], batch: dict, method: str, basel
         prefixes, answers = zip(*(attribution_target(adapter, it) for it in items))
         target_batch = batch_of(adapter, items, list(prefixes))
         return I.integrated_gradients(adapter, target_batch, torch.tensor(answers), baseline, ig_steps).abs().cpu()
-    raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS)}")
+    raise ValueError(f"unknown token selection {method!r}; known: {', '.join(METHODS + CONTROLS_OUTSIDE)}")
 
 
 def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
                   baseline: torch.Tensor, ig_steps: int = 8, scores: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones.
 
+    A control named `..._outside` draws only from tokens that do not show the target object (its buffer-0
+    tokens); where fewer such tokens exist than the selection needs, its row is all False (no count-matched
+    control exists, and `ablation_records` leaves the item out of that condition).
     `scores` (from `selection_scores`) can be computed once and reused across buffers."""
     if scores is None:
         scores = selection_scores(adapter, items, batch, method, baseline, ig_steps)
     objects = [I.object_tokens(adapter, it.example.scene, buffer, [it.target]) for it in items]
     patches = [adapter.patch_tokens(it.example.scene.image.size) for it in items]  # never a row-end token
-    if method == "object":
-        masks = objects
-    elif method == "random":
-        masks = [I.random_tokens(len(m), int(m.sum()), rng, exclude=~p) for m, p in zip(objects, patches)]
-    else:
-        masks = [I.top_k_mask(s.masked_fill(~torch.as_tensor(p), -torch.inf), int(m.sum()))
-                 for s, m, p in zip(scores, objects, patches)]
+    if method.endswith(OUTSIDE):
+        touched = [I.object_tokens(adapter, it.example.scene, 0, [it.target]) for it in items]
+        patches = [p & ~t for p, t in zip(patches, touched)]
+    base = method.removesuffix(OUTSIDE)
+    masks = []
+    for i, (m, p) in enumerate(zip(objects, patches)):
+        count = int(m.sum())
+        if base == "object":
+            masks.append(m)
+        elif count > p.sum():
+            masks.append(np.zeros_like(m))
+        elif base == "random":
+            masks.append(I.random_tokens(len(m), count, rng, exclude=~p))
+        else:
+            masks.append(I.top_k_mask(scores[i].masked_fill(~torch.as_tensor(p), -torch.inf), count))
     return torch.as_tensor(np.stack(masks))
+
+
+def overlap_with_object(adapter, items: list[Item], masks: torch.Tensor, buffer: int = 1) -> np.ndarray:
+    """(batch,) share of each selection's tokens that lie in the target's buffer-`buffer` tokens (NaN if empty)."""
+    objects = torch.as_tensor(np.stack([I.object_tokens(adapter, it.example.scene, buffer, [it.target])
+                                        for it in items]))
+    chosen = masks.sum(1).float()
+    return ((masks & objects).sum(1).float() / chosen.where(chosen > 0, torch.tensor(float("nan")))).numpy()
 
 
 def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool]:
@@ -172,22 +198,27 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[
         for method, buffer, mode in jobs:
             rng = np.random.default_rng([seed, b])
             masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token, scores=scores[method])
+            overlap = overlap_with_object(adapter, chunk, masks)
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
                 after = _correct(adapter, chunk, batch, setting)
             records += [{"setting": setting, "method": method, "buffer": buffer, "mode": mode,
-                         "item": b * batch_size + j, "before": x, "after": y}
-                        for j, (x, y) in enumerate(zip(before, after))]
-    return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "item", "before", "after"])
+                         "item": b * batch_size + j, "before": x, "after": y, "overlap": o}
+                        for j, (x, y, o, drawn) in enumerate(zip(before, after, overlap, masks.any(1).tolist()))
+                        if drawn]  # no count-matched control outside the object: the item sits this one out
+    return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "item", "before", "after",
+                                          "overlap"])
 
 
 def flip_table(records: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Per (setting, method, buffer, mode): the flip rate among initially correct items, with its bootstrap 95% CI."""
+    """Per (setting, method, buffer, mode): the flip rate among initially correct items, with its bootstrap 95% CI,
+    and `overlap`, the mean share of the selected tokens that lie in the target's buffer-1 tokens."""
     rows = []
     for (setting, method, buffer, mode), part in records.groupby(["setting", "method", "buffer", "mode"], sort=False):
         part = part.sort_values("item")
         flip, lo, hi = stats.bootstrap_ci(part.before.tolist(), part.after.tolist(), seed=seed)
         rows.append({"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(part),
-                     "initially_correct": int(part.before.sum()), "flip_rate": flip, "ci_low": lo, "ci_high": hi})
+                     "initially_correct": int(part.before.sum()), "flip_rate": flip, "ci_low": lo, "ci_high": hi,
+                     "overlap": part.overlap.mean()})
     return pd.DataFrame(rows)
 
 

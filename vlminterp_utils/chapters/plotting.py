@@ -5,9 +5,15 @@ same code draws a square grid, a centre-cropped one, or LLaVA-NeXT's base grid (
 """
 from __future__ import annotations
 
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
+
+# A lens may read a visual token as a word in another script (e.g. CJK). The figure shows it as a box; the warning
+# matplotlib prints for each missing glyph would only clutter the chapter's page.
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
 
 FIGURES = "figures"  # where `show` saves figures for slides, next to the notebook (and the chapter's web page)
 
@@ -118,20 +124,30 @@ def lines_with_ci(df, x: str, y: str, hue: str, ax=None, title: str | None = Non
     return ax
 
 
-def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None):
-    """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns."""
+def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None,
+                 legend: bool = True):
+    """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns.
+
+    A bar named `<name>_outside` (a control drawn outside the object) takes `<name>`'s colour, hatched, so that
+    each control stands next to its twin in the same hue."""
     ax = ax or plt.subplots(figsize=(7, 3.4))[1]
     groups, bars = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[bar]))
     width = 0.8 / len(bars)
+    colours = {}
     for j, b in enumerate(bars):
         part = df[df[bar] == b].set_index(group).reindex(groups)
         xs = np.arange(len(groups)) + (j - (len(bars) - 1) / 2) * width
         err = np.stack([part[y] - part["ci_low"], part["ci_high"] - part[y]])
-        ax.bar(xs, part[y], width, yerr=np.nan_to_num(err), capsize=2, label=str(b))
+        twin = str(b).removesuffix("_outside")
+        style = dict(color=colours[twin], hatch="///", edgecolor="white") if twin != str(b) and twin in colours \
+            else {}
+        drawn = ax.bar(xs, part[y], width, yerr=np.nan_to_num(err), capsize=2, label=str(b), **style)
+        colours.setdefault(str(b), drawn.patches[0].get_facecolor() if drawn.patches else None)
     ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups])
     ax.set_xlabel(group.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     if title:
         ax.set_title(title, fontsize=10)
