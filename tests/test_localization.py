@@ -46,6 +46,10 @@ def test_knockout_blocks_have_the_right_edges(tiny):
     rows, cols = adapter.grid
     last_row_queries = blocks["object → last row"].any(-1)
     assert last_row_queries.sum(-1).le(cols).all()
+    other = blocks["other visual → last row"]
+    assert other.any(-1).sum(-1).le(cols).all()  # its queries sit in the last row too
+    keys = other.any(1)
+    assert not (keys & obj).any() and not (keys & other.any(-1)).any() and (keys <= visual).all()
 
 
 def test_word_token_ids_and_lens_views(tiny):

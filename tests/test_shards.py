@@ -74,7 +74,8 @@ def test_the_sweep_command_writes_parts_and_merges_them(tiny_llava_dir, tmp_path
         sweep.main(["knockout", "--shard", f"{i}/2", *common])
     sweep.main(["merge", "knockout", *common])
     curve = pd.read_parquet(tmp_path / "runs" / "knockout.parquet")
-    assert set(curve.knockout) == {"object → last", "non-object → last", "object → last row"}
+    assert set(curve.knockout) == {"object → last", "non-object → last", "object → last row",
+                                   "other visual → last row"}
 
 
 def test_two_mimic_grid_shards_equal_one_run(tiny, monkeypatch, tmp_path):

@@ -246,11 +246,14 @@ def explain_unanswered(table: pd.DataFrame) -> str:
 
 def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
                    n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16, shard: str | None = None, ig_steps: int = 8) -> pd.DataFrame:
+                   batch_size: int = 16, shard: str | None = None, ig_steps: int = 8,
+                   outside_buffers=None) -> pd.DataFrame:
     """The per-item records behind `ablation_table`, for every setting; `shard="i/n"` computes one part of them.
-    `ig_steps`: Riemann steps of the integrated gradients the high-gradient control ranks tokens by."""
+    `ig_steps`: Riemann steps of the integrated gradients the high-gradient control ranks tokens by.
+    `outside_buffers`: the buffers at which the `_outside` controls run (default: all `buffers`)."""
     mean_token = I.mean_visual_token(adapter)
-    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods]
+    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods
+            if not (m.endswith(OUTSIDE) and outside_buffers is not None and b not in outside_buffers)]
     parts = []
     for setting in tqdm(settings, desc="ablations"):
         items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
@@ -260,13 +263,14 @@ def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
 
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
                    n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16, ig_steps: int = 8) -> pd.DataFrame:
+                   batch_size: int = 16, ig_steps: int = 8, outside_buffers=None) -> pd.DataFrame:
     """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode.
 
     `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
-    model on a 16 GB GPU)."""
+    model on a 16 GB GPU). `outside_buffers` limits the `_outside` controls to some buffers (they cost as much as
+    the plain ones)."""
     records = ablation_sweep(adapter, settings, methods, buffers, modes, n, seed, question_suffix, answer_prefix,
-                             batch_size, ig_steps=ig_steps)
+                             batch_size, ig_steps=ig_steps, outside_buffers=outside_buffers)
     table = flip_table(records, seed)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
@@ -276,7 +280,9 @@ def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
 # ---------------------------------------------------------------------------------------------- knockout
 
 def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.Tensor]:
-    """The edges of Neo et al.'s three knockouts, as (batch, seq, seq) block matrices."""
+    """The edges of Neo et al.'s knockouts, as (batch, seq, seq) block matrices: the answer position from the
+    object's tokens and, as its control, from every other visual token; the image's last row from the object's
+    tokens and, as its control, from every other visual token (neither side the object's, nor the row itself)."""
     ids = batch["input_ids"]
     seq = ids.shape[1]
     visual_pos = adapter.visual_positions(ids)
@@ -292,7 +298,8 @@ def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.
     last[:, -1] = True
     return {"object → last": I.block_matrix(seq, last, obj),
             "non-object → last": I.block_matrix(seq, last, visual & ~obj),
-            "object → last row": I.block_matrix(seq, last_row & ~obj, obj)}
+            "object → last row": I.block_matrix(seq, last_row & ~obj, obj),
+            "other visual → last row": I.block_matrix(seq, last_row & ~obj, visual & ~obj & ~last_row)}
 
 
 def answer_probability(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
