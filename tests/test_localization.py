@@ -194,8 +194,9 @@ def test_the_ablation_table_computes_attributions_once_per_batch(tiny, monkeypat
         return ig(*args, **kwargs)
 
     monkeypatch.setattr(I, "integrated_gradients", counted)
-    L.ablation_table(adapter, settings=("vqa",), buffers=(0, 1, 2), n=4, batch_size=2)
-    assert calls["ig"] == 2  # two batches: one attribution each, reused by three buffers
+    L.ablation_table(adapter, settings=("vqa",), methods=L.METHODS_WITH_OUTSIDE, buffers=(0, 1, 2), n=4,
+                     batch_size=2)
+    assert calls["ig"] == 2  # two batches: one attribution each, reused by three buffers and the twin outside
 
 
 def test_every_row_of_the_ablation_table_equals_the_row_computed_alone(shapes_llava):

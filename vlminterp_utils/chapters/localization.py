@@ -193,11 +193,13 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[
         chunk = items[b * batch_size:(b + 1) * batch_size]
         batch = batch_of(adapter, chunk)
         before = _correct(adapter, chunk, batch, setting)
+        # Once per batch and ranking: a control and its twin outside the object share their scores.
         scores = {m: selection_scores(adapter, chunk, batch, m, mean_token, ig_steps)
-                  for m in dict.fromkeys(j[0] for j in jobs)}
+                  for m in dict.fromkeys(j[0].removesuffix(OUTSIDE) for j in jobs)}
         for method, buffer, mode in jobs:
             rng = np.random.default_rng([seed, b])
-            masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token, scores=scores[method])
+            masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token,
+                                  scores=scores[method.removesuffix(OUTSIDE)])
             overlap = overlap_with_object(adapter, chunk, masks)
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
                 after = _correct(adapter, chunk, batch, setting)
