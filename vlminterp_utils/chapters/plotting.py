@@ -36,12 +36,11 @@ def show(fig=None, name: str | None = None, folder=FIGURES):
     """Show a figure; with `name`, also save it as PNG and SVG (`save_figure`) and link both under it."""
     from IPython.display import HTML, display
     fig = fig or plt.gcf()
-    if name:
-        links = " · ".join(f'<a href="{p.as_posix()}">{p.suffix[1:].upper()}</a>' for p in save_figure(fig, name, folder))
-        plt.show()
+    saved = save_figure(fig, name, folder) if name else []
+    plt.show()
+    if saved:
+        links = " · ".join(f'<a href="{p.as_posix()}">{p.suffix[1:].upper()}</a>' for p in saved)
         display(HTML(f'<p class="figure-export">for slides: {links}</p>'))
-    else:
-        plt.show()
 
 
 def _shown(regions: np.ndarray, shown) -> np.ndarray:
@@ -125,11 +124,11 @@ def lines_with_ci(df, x: str, y: str, hue: str, ax=None, title: str | None = Non
 
 
 def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None,
-                 legend: bool = True):
+                 legend: bool = True, twin_suffix: str = "_outside"):
     """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns.
 
-    A bar named `<name>_outside` (a control drawn outside the object) takes `<name>`'s colour, hatched, so that
-    each control stands next to its twin in the same hue."""
+    A bar named `<name><twin_suffix>` (chapter 1: a control drawn outside the object, `localization.OUTSIDE`) takes
+    `<name>`'s colour, hatched, so that each control stands next to its twin in the same hue."""
     ax = ax or plt.subplots(figsize=(7, 3.4))[1]
     groups, bars = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[bar]))
     width = 0.8 / len(bars)
@@ -138,7 +137,7 @@ def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title:
         part = df[df[bar] == b].set_index(group).reindex(groups)
         xs = np.arange(len(groups)) + (j - (len(bars) - 1) / 2) * width
         err = np.stack([part[y] - part["ci_low"], part["ci_high"] - part[y]])
-        twin = str(b).removesuffix("_outside")
+        twin = str(b).removesuffix(twin_suffix)
         style = dict(color=colours[twin], hatch="///", edgecolor="white") if twin != str(b) and twin in colours \
             else {}
         drawn = ax.bar(xs, part[y], width, yerr=np.nan_to_num(err), capsize=2, label=str(b), **style)

@@ -46,8 +46,8 @@ def glue_timings(prefix: str, clock: Clock, notebook: str | Path, device, smoke:
         f"{prefix}_run_device": str(device),
         f"{prefix}_run_mode": "smoke" if smoke else "full",
     }
-    print(f"This run: {clock.minutes:.1f} min on {device} ({values[f'{prefix}_run_mode']} mode); "
-          f"reading: about {values[f'{prefix}_read_minutes']:.0f} min.")
+    run, read, mode = (values[f"{prefix}_{key}"] for key in ("run_minutes", "read_minutes", "run_mode"))
+    print(f"This run: {run:.1f} min on {device} ({mode} mode); reading: about {read:.0f} min.")
     return report.glue_all(values)
 
 
