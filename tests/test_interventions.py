@@ -214,8 +214,11 @@ def test_visual_tokens_are_read_where_the_llm_receives_them(tiny):
 
 def test_layer_windows_and_presets():
     assert I.layer_windows(5, 2) == [[0, 1], [1, 2], [2, 3], [3, 4], [4]]
-    presets = I.depth_presets(30)
-    assert presets["early"] == list(range(10)) and presets["late"] == list(range(20, 30))
+    assert I.depth_presets(32) == {name: list(range(a, b)) for name, (a, b) in I.OFFICIAL_PRESETS.items()}
+    presets = I.depth_presets(30)  # shapes-llava: the same shares of the depth
+    assert presets["early"] == list(range(9)) and presets["late"] == list(range(20, 30))
+    assert presets["all"] == list(range(30)) and presets["mid"] == list(range(10, 20))
+    assert all(len(layers) >= 1 for layers in I.depth_presets(2).values())  # a tiny model keeps every preset
     with pytest.raises(ValueError):
         I.layer_windows(5, 0)
 

@@ -143,10 +143,16 @@ def layer_windows(n_layers: int, k: int) -> list[list[int]]:
     return [list(range(s, min(s + k, n_layers))) for s in range(n_layers)]
 
 
+# The official code's knockout presets for LLaVA-1.5's 32 layers (clemneo/llava-interp,
+# scripts/attention_experiment_curate.py), as [start, end) ranges; `depth_presets` scales them to any depth.
+OFFICIAL_PRESETS = {"early": (0, 10), "early-mid": (5, 15), "mid": (11, 21), "mid-late": (15, 25),
+                    "late": (21, 32), "all": (0, 32)}
+
+
 def depth_presets(n_layers: int) -> dict[str, list[int]]:
-    """Neo et al.'s early / middle / late thirds of the LLM."""
-    third = np.array_split(np.arange(n_layers), 3)
-    return {name: part.tolist() for name, part in zip(("early", "middle", "late"), third)}
+    """Neo et al.'s layer presets (early, early-mid, mid, mid-late, late, all), scaled from 32 layers to this depth."""
+    scale = lambda b: min(n_layers, int(b * n_layers / 32 + 0.5))  # noqa: E731
+    return {name: list(range(scale(a), max(scale(b), scale(a) + 1))) for name, (a, b) in OFFICIAL_PRESETS.items()}
 
 
 def block_matrix(seq_len: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

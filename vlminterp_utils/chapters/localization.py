@@ -319,11 +319,20 @@ def models_own_answer(adapter, logits: torch.Tensor, items: list[Item]) -> tuple
     return torch.where(right, top, torch.tensor(canonical, device=top.device)), right
 
 
+def named_windows(windows) -> dict[str, list[int]]:
+    """Layer windows by name: a dict is kept (e.g. `interventions.depth_presets`), a list is named "first-last"."""
+    if isinstance(windows, dict):
+        return {str(name): list(w) for name, w in windows.items()}
+    return {f"{w[0]}-{w[-1]}": list(w) for w in windows}
+
+
 def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
-                     windows: list[list[int]] | None = None, shard: str | None = None) -> pd.DataFrame:
+                     windows: list[list[int]] | dict[str, list[int]] | None = None,
+                     shard: str | None = None) -> pd.DataFrame:
     """Per knockout, layer window and item: the relative drop of the answer's probability, and whether the model
-    answered the item right without intervention. `shard="i/n"` computes every n-th batch (`core.shards`)."""
-    windows = windows or I.layer_windows(adapter.n_layers, window)
+    answered the item right without intervention. `windows` is a list of layer lists or a dict of named ones
+    (default: sliding windows of `window` layers). `shard="i/n"` computes every n-th batch (`core.shards`)."""
+    windows = named_windows(windows or I.layer_windows(adapter.n_layers, window))
     records = []
     for b in shards.units(-(-len(items) // batch_size), shard):
         chunk = items[b * batch_size:(b + 1) * batch_size]
@@ -332,31 +341,33 @@ def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: in
         answers, correct = models_own_answer(adapter, clean.logits, chunk)
         base = answer_probability(clean.logits, answers)
         for name, block in knockout_blocks(adapter, chunk, batch).items():
-            for w in tqdm(windows, desc=f"knockout {name}", leave=False):
+            for label, w in tqdm(windows.items(), desc=f"knockout {name}", leave=False):
                 drop = (base - answer_probability(clean.answer_logits(block, w), answers)) / base
-                records += [{"knockout": name, "first_layer": w[0], "item": b * batch_size + j, "drop": float(d),
-                             "correct": bool(c)} for j, (d, c) in enumerate(zip(drop, correct))]
+                records += [{"knockout": name, "window": label, "first_layer": w[0], "item": b * batch_size + j,
+                             "drop": float(d), "correct": bool(c)} for j, (d, c) in enumerate(zip(drop, correct))]
         del clean  # its keys, values and layer outputs are the largest thing this loop holds
-    return pd.DataFrame(records, columns=["knockout", "first_layer", "item", "drop", "correct"])
+    return pd.DataFrame(records, columns=["knockout", "window", "first_layer", "item", "drop", "correct"])
 
 
 def knockout_summary(records: pd.DataFrame) -> pd.DataFrame:
     """Per knockout and window: the mean drop over the items answered right, with a 95% CI."""
     rows = []
-    for (name, layer), part in records.groupby(["knockout", "first_layer"], sort=False):
+    for (name, window), part in records.groupby(["knockout", "window"], sort=False):
         d = part[part.correct].sort_values("item")["drop"].to_numpy()
         mean, lo, hi = stats.mean_interval(d)
-        rows.append({"knockout": name, "first_layer": layer, "n": len(d), "drop": mean, "ci_low": lo, "ci_high": hi})
+        rows.append({"knockout": name, "window": window, "first_layer": part.first_layer.iloc[0], "n": len(d),
+                     "drop": mean, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows)
 
 
 def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
-                   windows: list[list[int]] | None = None) -> pd.DataFrame:
+                   windows: list[list[int]] | dict[str, list[int]] | None = None) -> pd.DataFrame:
     """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
 
     Only items the model answers correctly without intervention count, as in Neo et al. `windows` overrides the
     sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once). Each knockout
-    re-runs only the positions and layers it changes (`interventions.CleanRun`).
+    re-runs only the positions and layers it changes (`interventions.CleanRun`). Named windows (a dict, e.g.
+    `interventions.depth_presets(n_layers)`, the official presets) keep their names in the `window` column.
     """
     records = knockout_records(adapter, items, window, batch_size, windows)
     if not records.correct.any():
