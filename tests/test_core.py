@@ -17,6 +17,16 @@ def test_atomic_path_replaces_the_target_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # ... and nothing half-written is left
 
 
+def test_atomically_written_files_get_the_usual_mode_not_a_private_one(tmp_path):
+    import os
+    mask = os.umask(0o022)
+    try:
+        path = storage.write_text(tmp_path / "figure.svg", "<svg/>")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a web server that serves the book
+
+
 def test_atomic_folders_replace_an_existing_folder(tmp_path):
     target = tmp_path / "index"
     for text in ("one", "two"):

@@ -16,8 +16,9 @@ def index(tiny):
 
 
 def test_default_layers_spread_over_depth():
-    assert LL.default_layers(30) == [1, 2, 4, 8, 16, 28, 29]
-    assert LL.default_layers(32) == [1, 2, 4, 8, 16, 30, 31]
+    assert LL.default_layers(32) == [1, 2, 4, 8, 16, 24, 30, 31]  # the paper's layers for its 32-layer LLMs
+    assert LL.default_layers(30) == [1, 2, 4, 8, 15, 22, 28, 29]  # shapes-llava: scaled to depth
+    assert LL.default_layers(4) == [1, 2, 3]  # a tiny model: every layer above the input
 
 
 def test_search_equals_a_brute_force_matmul(index):
@@ -48,7 +49,7 @@ def test_cross_layer_merge_keeps_distinct_entries_at_their_best_layer():
 def test_cap_and_dedup(tiny):
     _, _, adapter = tiny
     sentences = ["The red circle is here."] * 5 + [f"Item {i} has a red square." for i in range(30)]
-    index = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0)
+    index = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0, skip_first=0)
     meta = index.metadata
     counts = meta.groupby("token").size()
     assert counts.max() <= 3
@@ -59,8 +60,17 @@ def test_cap_and_dedup(tiny):
     red = meta[meta.token == " red"].sentence_id.tolist()
     first_met = sorted({s for s in range(31)})[:3]
     assert len(red) == 3 and red != first_met
-    again = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0).metadata
+    again = LL.build_index(adapter, sentences, layers=[1], cap=3, seed=0, skip_first=0).metadata
     assert again.equals(meta)  # seeded
+
+
+def test_the_first_positions_of_a_sentence_are_not_stored(tiny):
+    _, _, adapter = tiny
+    sentences = [f"Item {i} has a red square." for i in range(10)]
+    meta = LL.build_index(adapter, sentences, layers=[1], cap=50, seed=0).metadata
+    assert meta.position.min() == LL.SKIP_FIRST and "Item" not in set(meta.token)
+    spans_hold_the_word = [s[a:b] == w for s, a, b, w in zip(meta.sentence, meta.word_start, meta.word_end, meta.word)]
+    assert all(spans_hold_the_word)
 
 
 def test_words_are_whole_words(index):
@@ -177,12 +187,45 @@ def test_latent_lens_describes_like_the_other_lenses(index, tiny):
 
 
 @pytest.mark.phenomenon
-def test_latentlens_interprets_more_visual_tokens_than_the_logit_lens_on_most_layers(shapes_llava):
-    """Krojer et al.'s claim on shapes-llava: 16 fixed scenes (seed 0), top-5, the book's corpus and judge."""
+def test_latentlens_reads_object_patches_above_its_random_entries_on_most_layers(shapes_llava):
+    """Krojer et al.'s claim, chance-controlled: 16 fixed scenes (seed 0), top-5, an index of the neutral corpus's
+    first 1500 sentences (the chapter uses them all; this keeps the build near a minute)."""
     _, _, adapter = shapes_llava
-    index = LL.cached_index(adapter, LL.load_corpus(), cap=20)
+    index = LL.cached_index(adapter, LL.load_corpus("neutral", limit=1500), cap=20)
     examples = shapes.make_examples(16, 0, "caption")
-    shares = lenses.compare_lenses(adapter, [lenses.LogitLens(adapter), LL.LatentLens(index)], examples, k=5)
-    table = shares.pivot(index="layer", columns="lens", values="share")
-    # "most layers": strictly more than half of the LLM's layers (embeddings output included)
-    assert (table["LatentLens"] > table["LogitLens"]).mean() > 0.5, table
+    judged = lenses.compare_with_chance(adapter, [LL.LatentLens(index), lenses.LogitLens(adapter)], examples, k=5)
+    objects = judged[judged.kind == "object"]
+    shares = objects.groupby(["lens", "reading", "layer"]).hit.mean().unstack(["lens", "reading"])
+    margin = shares[("LatentLens", lenses.LENS)] - shares[("LatentLens", lenses.RANDOM_WORDS)]
+    # About 320 object patches per layer: a share near 25% has a standard error near 2.4 points, and random entries
+    # of this corpus name the object for well under 1% of them; a 10-point margin is about four standard errors.
+    # Measured on this seed: at least 17 points at layers 0-24, under 6 at 25-29. "Most": more than half the layers.
+    assert (margin >= 0.10).mean() > 0.5, margin
+    above = lenses.above_chance(objects).set_index(["lens", "layer"])
+    assert (above.loc["LatentLens"].ci_low > 0).mean() > 0.5  # above the stronger control too, interval included
+    assert (above.loc["LatentLens"].above > above.loc["LogitLens"].above).mean() > 0.5  # and above the logit lens
+
+
+
+def test_contexts_mark_the_matched_word_in_its_sentence(index):
+    lens = LL.LatentLens(index)
+    hidden = torch.randn(3, index.hidden_size)
+    table = lens.contexts(hidden, layer=1, k=4)
+    assert len(table) == 12 and table.groupby("token")["rank"].apply(list).tolist() == [[1, 2, 3, 4]] * 3
+    assert all(f"«{w}»" in c for w, c in zip(table.word, table.context))
+    assert set(table.contextual_layer) <= set(index.layers)
+    words = [w for row in lens.describe(hidden, layer=1, k=4) for w, _ in row]
+    assert table.word.tolist() == words  # the same neighbours as describe, with their sentences
+    assert len(lens.chance_words()) == len(index)
+
+
+def test_corpus_profile_counts_the_judges_words_and_the_cap(tiny):
+    _, _, adapter = tiny
+    sentences = [f"Item {i} has a red square." for i in range(8)] + ["We went out for a long walk today."]
+    index = LL.build_index(adapter, sentences, layers=[1], cap=5, seed=0)
+    profile = LL.corpus_profile(index, ["red", "square"])
+    meta = index.metadata
+    assert profile["entries"] == len(meta) and profile["sentences"] == 9
+    assert profile["judge_word_entries"] == pytest.approx(meta.word.isin(["red", "square"]).mean())
+    at_cap = meta.groupby("token").size() >= 5  # " has", " a", " red", " square", "." recur in all 8 items
+    assert profile["token_strings_at_cap"] == pytest.approx(at_cap.mean()) and 0 < at_cap.mean() < 1

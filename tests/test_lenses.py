@@ -62,3 +62,75 @@ def test_interpretable_share_counts_judged_patches_only(scene):
     by_kind = lenses.interpretable_share(readings, [example], by=("layer", "kind"))
     assert set(by_kind.kind) == {"object", "background"}
     assert np.isclose(by_kind.set_index(["layer", "kind"]).loc[(0, "background"), "share"], 1.0)
+
+
+# ------------------------------------------------------------------------------------------ chance controls
+
+def grid_readings(n_examples=3, n_patches=6, layers=(0, 1)):
+    return pd.DataFrame([{"layer": layer, "example": e, "patch": p, "kind": "object", "object": 0,
+                          "words": [f"w{layer}-{e}-{p}"]}
+                         for layer in layers for e in range(n_examples) for p in range(n_patches)])
+
+
+def test_random_word_readings_draw_k_words_from_the_pool_with_a_seed():
+    readings = grid_readings()
+    control = lenses.random_word_readings(readings, ["a", "b", "c"], k=4, seed=1)
+    assert control.drop(columns="words").equals(readings.drop(columns="words"))  # same patches
+    assert all(len(w) == 4 and set(w) <= {"a", "b", "c"} for w in control.words)
+    assert control.words.tolist() == lenses.random_word_readings(readings, ["a", "b", "c"], 4, seed=1).words.tolist()
+
+
+def test_shuffled_readings_move_every_reading_within_its_image_and_layer():
+    readings = grid_readings()
+    shuffled = lenses.shuffled_readings(readings, seed=0)
+    assert all(a != b for a, b in zip(readings.words, shuffled.words))  # no patch keeps its own reading
+    for _, group in shuffled.groupby(["layer", "example"]):
+        original = readings.loc[group.index]
+        assert sorted(map(tuple, group.words)) == sorted(map(tuple, original.words))  # same image, same layer
+
+
+def test_above_chance_subtracts_the_strongest_control_with_an_image_bootstrap():
+    rows = []
+    for e in range(10):
+        for p in range(4):
+            rows += [{"lens": "L", "reading": lenses.LENS, "layer": 0, "kind": "object", "example": e, "hit": 1.0},
+                     {"lens": "L", "reading": lenses.RANDOM_WORDS, "layer": 0, "kind": "object", "example": e,
+                      "hit": float(p == 0)},  # a quarter right by chance
+                     {"lens": "L", "reading": lenses.SHUFFLED, "layer": 0, "kind": "object", "example": e,
+                      "hit": float(p < 2 and e < 5)}]  # also a quarter, but all of it in five images
+    out = lenses.above_chance(pd.DataFrame(rows)).iloc[0]
+    assert out.share == 1 and out.chance == pytest.approx(0.25) and out.above == pytest.approx(0.75)
+    assert out.n == 40
+    # random words hit the same share in every image: no spread; the shuffled control's hits cluster in images
+    assert out.control == lenses.RANDOM_WORDS and out.ci_low == pytest.approx(0.75)
+    clustered = pd.DataFrame(rows).query("reading != @lenses.RANDOM_WORDS")
+    spread = lenses.above_chance(clustered).iloc[0]
+    assert spread.ci_low < 0.7 < 0.8 < spread.ci_high  # images resampled: a wide interval
+
+
+def test_compare_with_chance_judges_each_lens_and_its_controls(tiny):
+    _, _, adapter = tiny
+    examples = shapes.make_examples(2, 0, "caption", size=adapter.image_size)
+    judged = lenses.compare_with_chance(adapter, [lenses.LogitLens(adapter)], examples, k=2, layers=[0, 1])
+    assert set(judged.reading) == {lenses.LENS, lenses.RANDOM_WORDS, lenses.SHUFFLED}
+    counts = judged.groupby("reading").size()
+    assert counts.nunique() == 1  # every control reads the same judged patches
+    assert set(judged.hit.unique()) <= {0.0, 1.0} and set(judged.kind) <= {"object", "background"}
+
+
+def test_the_chance_figures_draw_every_lens_and_reading():
+    import matplotlib
+    matplotlib.use("Agg")
+    from vlminterp_utils import plotting
+    rng = np.random.default_rng(0)
+    judged = pd.DataFrame([{"lens": lens, "reading": reading, "layer": layer, "kind": kind, "example": e,
+                            "hit": float(rng.random() < 0.3)}
+                           for lens in ("A", "B") for reading in (lenses.LENS, lenses.RANDOM_WORDS, lenses.SHUFFLED)
+                           for layer in range(3) for kind in ("object", "background") for e in range(4)])
+    shares = lenses.share_table(judged, by=("lens", "reading", "layer", "kind"))
+    fig = plotting.lens_chance_panels(shares)
+    assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 2)  # kinds x lenses
+    assert all(len(ax.lines) == 3 for ax in fig.axes)  # the lens and its two controls
+    above = lenses.above_chance(judged, n_boot=50)
+    fig = plotting.above_chance_panels(above)
+    assert len(fig.axes) == 2 and all(len(ax.get_legend().get_texts()) == 2 for ax in fig.axes)

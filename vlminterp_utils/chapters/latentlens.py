@@ -25,28 +25,31 @@ from ..core.readout import pad_right, visual_hidden_states
 from ..core.storage import atomic_path, cache_key, cached_artefact, data_path
 from .lenses import unflatten
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the word's character span in its sentence (word_start, word_end) and skip_first
+SKIP_FIRST = 2  # positions 0 and 1 of a sentence are never stored (the official extraction's position filter)
 _LETTERS = re.compile(r"[A-Za-z0-9]")
 
 
 def default_layers(n_layers: int) -> list[int]:
-    """A spread of contextual layers: 1, 2, 4, 8, ... below n - 2, then n - 2 and n - 1."""
-    layers, p = [], 1
-    while p < n_layers - 2:
-        layers.append(p)
-        p *= 2
-    return sorted(set(layers + [max(n_layers - 2, 1), n_layers - 1]))
+    """The paper's spread of contextual layers, scaled to depth: 1, 2, 4, 8, then n/2, 3n/4, n - 2 and n - 1.
+
+    Krojer et al. store layers 1, 2, 4, 8, 16, 24, 30, 31 of 32-layer LLMs; this gives exactly that at depth 32,
+    and for other depths keeps the early layers and scales the middle and late ones."""
+    spread = [1, 2, 4, 8, n_layers // 2, 3 * n_layers // 4, n_layers - 2, n_layers - 1]
+    return sorted({layer for layer in spread if 1 <= layer < n_layers})
 
 
-def _word_at(text: str, start: int, end: int) -> str:
-    """The whole word around the character span [start, end) of a token (its leading space excluded)."""
+def _word_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """The character span of the whole word around a token's span [start, end) (its leading space excluded)."""
     while start < end and text[start].isspace():
         start += 1
     while start > 0 and text[start - 1].isalnum():
         start -= 1
     while end < len(text) and text[end].isalnum():
         end += 1
-    return text[start:end].strip()
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ContextualIndex:
     cap: int
     seed: int
     search_method: str = "auto"  # "exact", "ivf", "hnsw", or "auto": exact below core.neighbours.APPROXIMATE_FROM
+    skip_first: int = SKIP_FIRST  # sentence positions never stored
 
     def __post_init__(self):
         self._searchers = {}
@@ -111,7 +115,8 @@ class ContextualIndex:
         self.metadata.to_parquet(folder / "metadata.parquet", index=False)
         (folder / "index.json").write_text(json.dumps({
             "format_version": FORMAT_VERSION, "model_name": self.model_name, "hidden_size": self.hidden_size,
-            "layers": self.layers, "n_entries": len(self), "cap": self.cap, "seed": self.seed}, indent=2))
+            "layers": self.layers, "n_entries": len(self), "cap": self.cap, "seed": self.seed,
+            "skip_first": self.skip_first}, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, adapter=None, layers: list[int] | None = None,
@@ -142,7 +147,7 @@ class ContextualIndex:
         if layers is not None and sorted(layers) != sorted(meta["layers"]):
             raise ValueError(f"index at {path} holds layers {meta['layers']}, not the requested {sorted(layers)}")
         return cls(meta["model_name"], meta["hidden_size"], meta["layers"], embeddings, metadata, meta["cap"],
-                   meta["seed"], search_method)
+                   meta["seed"], search_method, meta["skip_first"])
 
 
 def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
@@ -170,17 +175,20 @@ def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: 
 
 # ---------------------------------------------------------------------------------------------- building
 
-def choose_occurrences(tokenized: list[list[int]], tokenizer, cap: int, seed: int) -> pd.DataFrame:
+def choose_occurrences(tokenized: list[list[int]], tokenizer, cap: int, seed: int,
+                       skip_first: int = SKIP_FIRST) -> pd.DataFrame:
     """At most `cap` occurrences per token string, drawn at random (seeded) from all of them, not first-come.
 
     Occurrences with the same prefix are one context (a causal LM gives them the same hidden state): kept once.
+    The first `skip_first` positions of every sentence are left out, as in the official pipeline: there a token has
+    almost no context, and the first position is an attention sink whose state looks like no word's.
     """
     skip = set(tokenizer.all_special_ids)
     by_token: dict[str, list[tuple[int, int, int]]] = {}
     seen_prefixes = set()
     for s, ids in enumerate(tokenized):
         for pos, tid in enumerate(ids):
-            if tid in skip or tuple(ids[:pos + 1]) in seen_prefixes:
+            if pos < skip_first or tid in skip or tuple(ids[:pos + 1]) in seen_prefixes:
                 continue
             seen_prefixes.add(tuple(ids[:pos + 1]))
             token = tokenizer.decode([tid])
@@ -197,7 +205,8 @@ def choose_occurrences(tokenized: list[list[int]], tokenizer, cap: int, seed: in
 
 @torch.no_grad()
 def build_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20, seed: int = 0,
-                batch_size: int = 32, search_method: str = "auto", shard: str | None = None) -> ContextualIndex:
+                batch_size: int = 32, search_method: str = "auto", shard: str | None = None,
+                skip_first: int = SKIP_FIRST) -> ContextualIndex:
     """Run the adapter's LLM over `sentences` and keep the chosen occurrences' hidden states at `layers`.
 
     Streaming: only the chosen entries of each batch are kept (fp16), so memory grows with the index, not with
@@ -212,14 +221,18 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
         raise ValueError("the corpus is empty: give at least one non-blank sentence")
     tok = adapter.tokenizer
     encoded = tok(sentences, add_special_tokens=False, return_offsets_mapping=True)
-    chosen = choose_occurrences(encoded["input_ids"], tok, cap, seed)
-    chosen["word"] = [_word_at(sentences[s], *encoded["offset_mapping"][s][p])
-                      for s, p in zip(chosen.sentence_id, chosen.position)]
+    chosen = choose_occurrences(encoded["input_ids"], tok, cap, seed, skip_first)
+    spans = [_word_span(sentences[s], *encoded["offset_mapping"][s][p])
+             for s, p in zip(chosen.sentence_id, chosen.position)]
     chosen["sentence"] = [sentences[s] for s in chosen.sentence_id]
+    chosen["word_start"], chosen["word_end"] = [a for a, _ in spans], [b for _, b in spans]
+    chosen["word"] = [text[a:b] for text, (a, b) in zip(chosen.sentence, spans)]
     width = adapter.text_config.hidden_size
     store = {layer: torch.empty(len(chosen), width, dtype=torch.float16) for layer in layers}
     by_sentence = chosen.groupby("sentence_id").indices
-    needed = sorted(by_sentence)
+    # sentences of similar length share a batch: less padding to run through the LLM (right padding leaves every
+    # real position's hidden state as it is, so the order changes nothing stored)
+    needed = sorted(by_sentence, key=lambda s: (len(encoded["input_ids"][s]), s))
     language_model = adapter.language_model
     mine = shards.units(-(-len(needed) // batch_size), shard)
     for start in tqdm([b * batch_size for b in mine], desc="contextual embeddings"):
@@ -232,7 +245,8 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
             for layer in layers:
                 h = hidden[layer][i, positions].float()
                 store[layer][rows] = (h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).half().cpu()
-    metadata = chosen[["token_id", "token", "word", "sentence", "sentence_id", "position"]].reset_index(drop=True)
+    metadata = chosen[["token_id", "token", "word", "sentence", "sentence_id", "position", "word_start",
+                       "word_end"]].reset_index(drop=True)
     if shard is not None:
         kept = np.concatenate([by_sentence[s] for b in mine for s in needed[b * batch_size:(b + 1) * batch_size]]
                               + [np.zeros(0, int)])
@@ -240,7 +254,7 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
         store = {layer: e[kept] for layer, e in store.items()}
         metadata = metadata.iloc[kept].assign(entry=kept).reset_index(drop=True)
     return ContextualIndex(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, store, metadata,
-                           cap, seed, search_method)
+                           cap, seed, search_method, skip_first)
 
 
 def merge_parts(parts: list[ContextualIndex]) -> ContextualIndex:
@@ -248,9 +262,9 @@ def merge_parts(parts: list[ContextualIndex]) -> ContextualIndex:
     if not parts or any("entry" not in p.metadata for p in parts):
         raise ValueError("merge_parts takes the parts built with build_index(..., shard='i/n'), one per shard")
     first = parts[0]
-    if any((p.model_name, p.layers, p.cap, p.seed) != (first.model_name, first.layers, first.cap, first.seed)
-           for p in parts):
-        raise ValueError("the parts come from different builds (model, layers, cap or seed differ)")
+    build = lambda p: (p.model_name, p.layers, p.cap, p.seed, p.skip_first)  # noqa: E731
+    if any(build(p) != build(first) for p in parts):
+        raise ValueError("the parts come from different builds (model, layers, cap, seed or skip_first differ)")
     entries = np.concatenate([p.metadata.entry.to_numpy() for p in parts])
     order = np.argsort(entries)
     if not np.array_equal(entries[order], np.arange(len(entries))):
@@ -259,7 +273,8 @@ def merge_parts(parts: list[ContextualIndex]) -> ContextualIndex:
     metadata = pd.concat([p.metadata for p in parts], ignore_index=True).iloc[order].drop(columns="entry")
     embeddings = {layer: torch.cat([p.embeddings[layer] for p in parts])[order] for layer in first.layers}
     return ContextualIndex(first.model_name, first.hidden_size, first.layers, embeddings,
-                           metadata.reset_index(drop=True), first.cap, first.seed, first.search_method)
+                           metadata.reset_index(drop=True), first.cap, first.seed, first.search_method,
+                           first.skip_first)
 
 
 class LatentLens:
@@ -267,8 +282,9 @@ class LatentLens:
 
     name = "LatentLens"
 
-    def __init__(self, index: ContextualIndex):
+    def __init__(self, index: ContextualIndex, name: str | None = None):
         self.index = index
+        self.name = name or self.name  # e.g. "LatentLens (shapes corpus)" beside the default one
 
     def search(self, hidden_states, layer: int, k: int = 5):
         hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
@@ -281,6 +297,20 @@ class LatentLens:
         words = self.index.metadata.word.values
         flat = [[(words[r], float(s)) for r, s in zip(rr, ss)] for rr, ss in zip(rows, sims)]
         return unflatten(flat, shape)
+
+    def chance_words(self) -> np.ndarray:
+        """The pool of the random-entries control: the word of every index entry, each entry equally likely."""
+        return self.index.metadata.word.to_numpy()
+
+    def contexts(self, hidden_states, layer: int, k: int = 5) -> pd.DataFrame:
+        """What LatentLens shows a person: for each token, its k nearest contexts, the matched word marked «so» in
+        its sentence, with the similarity and the contextual layer it matched at."""
+        shape, sims, rows, from_layer = self.search(hidden_states, layer, k)
+        meta = self.index.metadata.iloc[rows.ravel()]
+        marked = [f"{s[:a]}«{s[a:b]}»{s[b:]}" for s, a, b in zip(meta.sentence, meta.word_start, meta.word_end)]
+        return pd.DataFrame({"token": np.repeat(np.arange(len(rows)), k), "rank": np.tile(np.arange(1, k + 1),
+                             len(rows)), "word": meta.word.to_numpy(), "context": marked,
+                             "similarity": sims.ravel().round(3), "contextual_layer": from_layer.ravel()})
 
     def matched_layers(self, hidden_states, layer: int, k: int = 1) -> np.ndarray:
         """The contextual layer of each token's top-k matches, (..., k)."""
@@ -300,26 +330,42 @@ def matched_layer_counts(adapter, lens: LatentLens, examples, query_layers=None)
     return pd.DataFrame(rows)
 
 
+def corpus_profile(index: ContextualIndex, words) -> dict:
+    """How an index's corpus looks to a word-match judge: its size, how many token strings reached the cap, and
+    the share of entries whose word is one of `words` (the judge's words: a random entry names them that often)."""
+    meta = index.metadata
+    per_token = meta.groupby("token").size()
+    judged = meta.word.str.lower().isin({w.lower() for w in words})
+    return {"sentences": int(meta.sentence_id.nunique()), "entries": len(meta), "token_strings": len(per_token),
+            "token_strings_at_cap": float((per_token >= index.cap).mean()),
+            "entries_at_cap": float(per_token[per_token >= index.cap].sum() / len(meta)),
+            "judge_word_entries": float(judged.mean())}
+
+
 def cached_index(adapter, sentences: list[str], layers: list[int] | None = None, cap: int = 20,
-                 seed: int = 0) -> ContextualIndex:
+                 seed: int = 0, skip_first: int = SKIP_FIRST) -> ContextualIndex:
     """Load the index for this model, corpus, layers, cap and seed from the cache, or build and save it."""
     layers = sorted(layers or default_layers(adapter.n_layers))
-    key = cache_key(adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap, seed, sentences)
-    return cached_artefact("latentlens", key, lambda: build_index(adapter, sentences, layers, cap, seed),
+    key = cache_key(FORMAT_VERSION, adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap, seed,
+                    skip_first, sentences)
+    build = lambda: build_index(adapter, sentences, layers, cap, seed, skip_first=skip_first)  # noqa: E731
+    return cached_artefact("latentlens", key, build,
                            lambda index, folder: index.write(folder),
                            lambda path: ContextualIndex.load(path, adapter=adapter, layers=layers), folder=True)
 
 
 # ---------------------------------------------------------------------------------------------- corpora
 
-DEFAULT_CORPUS = ("corpus", "default_corpus.txt")
+CORPORA = {"shapes": ("corpus", "default_corpus.txt"),  # written around the shapes world (workshop.corpus)
+           "neutral": ("corpus", "neutral_corpus.txt")}  # everyday English by SmolLM2 (workshop.neutral_corpus)
+DEFAULT_CORPUS = CORPORA["shapes"]
 
 
 def load_corpus(source: str | Path | None = None, column: str = "text", limit: int | None = None) -> list[str]:
-    """Sentences from the book's corpus (package data), a text file (one sentence per line) or a
-    `datasets.Dataset` column."""
-    if source is None:
-        source = data_path(*DEFAULT_CORPUS)
+    """Sentences from one of the book's corpora ("shapes", the default, or "neutral"), a text file (one sentence
+    per line) or a `datasets.Dataset` column."""
+    if source is None or source in CORPORA:
+        source = data_path(*CORPORA[source or "shapes"])
     if hasattr(source, "column_names"):  # a datasets.Dataset
         if column not in source.column_names:
             raise ValueError(f"the dataset has no column {column!r}; its columns: {source.column_names}")

@@ -7,6 +7,7 @@ entry per layer), or a single tensor for the chosen layer.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,13 @@ class VocabularyLens:
     def word(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]).strip()
 
+    def chance_words(self) -> list[str]:
+        """What this lens could say about any token: every vocabulary entry but the special tokens (the pool of
+        its random-words control)."""
+        special = set(self.tokenizer.all_special_ids)
+        ids = [[i] for i in range(len(self.tokenizer)) if i not in special]
+        return [w.strip() for w in self.tokenizer.batch_decode(ids)]
+
 
 class LogitLens(VocabularyLens):
     """nostalgebraist's logit lens: the final norm and the unembedding applied to an intermediate state."""
@@ -86,6 +94,7 @@ def unflatten(flat: list, shape) -> list:
 _WORD = re.compile(r"[a-z]+")
 
 
+@lru_cache(maxsize=1 << 16)
 def normalize_word(word: str) -> str:
     """Lower-case letters only, plural 's' dropped: ' Circles' -> 'circle'."""
     letters = "".join(_WORD.findall(word.lower()))
@@ -93,6 +102,11 @@ def normalize_word(word: str) -> str:
 
 
 _CONCEPT_WORDS = set(shapes.COLORS) | set(shapes.SHAPES) | {"colour", "color"}
+
+
+def judge_words() -> list[str]:
+    """Every word the shapes judge accepts for some patch: the colours, the shapes and the background words."""
+    return [*shapes.COLORS, *shapes.SHAPES, *shapes.BACKGROUND_WORDS]
 
 
 def names_object(words, obj) -> bool:
@@ -172,22 +186,94 @@ def string_match_judge(labels: list[set[str]]):
     return judge
 
 
+def judge_readings(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge) -> pd.DataFrame:
+    """The judged readings (patches the judge has no rule for dropped), with a 0/1 `hit` column."""
+    verdicts = [judge(row, examples[row.example].scene) for row in readings.itertuples()]
+    judged = readings.assign(hit=verdicts)
+    return judged[judged.hit.notna()].astype({"hit": float})
+
+
 def interpretable_share(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge,
                         by=("layer",)) -> pd.DataFrame:
     """Share of judged patches that a judge accepts, grouped by `by`, with a normal-approximation 95% CI."""
-    verdicts = [judge(row, examples[row.example].scene) for row in readings.itertuples()]
-    judged = readings.assign(hit=verdicts)
-    judged = judged[judged.hit.notna()].astype({"hit": float})
+    return share_table(judge_readings(readings, examples, judge), by)
+
+
+def share_table(judged: pd.DataFrame, by=("layer",)) -> pd.DataFrame:
+    """Share of hits among judged readings, grouped by `by`, with a normal-approximation 95% CI."""
     out = judged.groupby(list(by)).hit.agg(["mean", "count"]).reset_index()
     low, high = stats.proportion_interval(out["mean"], out["count"])
     return out.rename(columns={"mean": "share", "count": "n"}).assign(ci_low=low, ci_high=high)
 
 
-def compare_lenses(adapter, lens_list, examples: list[shapes.Example], k: int = 5,
-                   judge=shapes_judge) -> pd.DataFrame:
-    """Interpretable share per layer for each lens, one table with a `lens` column."""
+# ---------------------------------------------------------------------------------------------- chance controls
+# A top-k word match can be right by luck: a lens that names colours everywhere hits every coloured object. Each
+# control below reads the same patches with readings that carry no information about them; a lens is worth what
+# it reads *above* its controls.
+
+LENS, RANDOM_WORDS, SHUFFLED = "lens", "random words", "shuffled"
+
+
+def random_word_readings(readings: pd.DataFrame, pool, k: int, seed: int = 0) -> pd.DataFrame:
+    """The same patches, each read as `k` words drawn at random from `pool` (what the lens could ever say)."""
+    pool = np.asarray(pool, dtype=object)
+    draws = np.random.default_rng(seed).integers(0, len(pool), size=(len(readings), k))
+    return readings.assign(words=[list(row) for row in pool[draws]])
+
+
+def shuffled_readings(readings: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Each patch gets the reading of another patch of the same image and layer.
+
+    A derangement: patches are visited in a random order and each takes the reading of the next one in that
+    order, so no patch keeps its own. What survives it is what the lens says about the image as a whole."""
+    rng = np.random.default_rng(seed)
+    words = readings.words.to_numpy()
+    shuffled = np.empty_like(words)
+    for rows in readings.groupby(["layer", "example"]).indices.values():
+        order = rows[rng.permutation(len(rows))]
+        shuffled[order] = words[np.roll(order, -1)]
+    return readings.assign(words=list(shuffled))
+
+
+def with_chance_controls(readings: pd.DataFrame, lens, k: int, seed: int = 0) -> pd.DataFrame:
+    """The lens's readings and its two controls in one table, told apart by a `reading` column."""
+    return pd.concat([readings.assign(reading=LENS),
+                      random_word_readings(readings, lens.chance_words(), k, seed).assign(reading=RANDOM_WORDS),
+                      shuffled_readings(readings, seed).assign(reading=SHUFFLED)], ignore_index=True)
+
+
+def compare_with_chance(adapter, lens_list, examples: list[shapes.Example], k: int = 5, judge=shapes_judge,
+                        seed: int = 0, layers=None) -> pd.DataFrame:
+    """Judged readings of every lens and of its chance controls: one row per (lens, reading, layer, example, patch)
+    with its `kind` and 0/1 `hit`. `share_table` and `above_chance` summarise it."""
     tables = []
     for lens in lens_list:
-        readings = patch_readings(adapter, lens, examples, k)
-        tables.append(interpretable_share(readings, examples, judge).assign(lens=lens.name))
+        readings = patch_readings(adapter, lens, examples, k, layers)
+        controls = with_chance_controls(readings, lens, k, seed)
+        tables.append(judge_readings(controls, examples, judge).assign(lens=lens.name).drop(columns="words"))
     return pd.concat(tables, ignore_index=True)
+
+
+def above_chance(judged: pd.DataFrame, by=("lens", "layer", "kind"), n_boot: int = 1000,
+                 seed: int = 0) -> pd.DataFrame:
+    """Each lens's share minus that of its strongest control, per group, with a 95% bootstrap interval over images.
+
+    Patches of one image are not independent draws, so the bootstrap resamples whole images (the `example`
+    column) and recomputes both shares from the resampled patches."""
+    rng = np.random.default_rng(seed)
+    per_image = judged.groupby([*by, "reading", "example"]).hit.agg(["sum", "count"]).reset_index()
+    rows = []
+    for key, group in per_image.groupby(list(by)):
+        table = group.pivot(index="example", columns="reading", values=["sum", "count"]).fillna(0)
+        hits, counts = table["sum"], table["count"]
+        share = hits.sum() / counts.sum()
+        controls = share.drop(LENS)
+        strongest = controls.idxmax()
+        pick = rng.integers(0, len(table), size=(n_boot, len(table)))  # resampled images
+        boot = {r: hits[r].to_numpy()[pick].sum(1) / np.maximum(counts[r].to_numpy()[pick].sum(1), 1)
+                for r in (LENS, strongest)}
+        low, high = np.quantile(boot[LENS] - boot[strongest], [0.025, 0.975])
+        rows.append({**dict(zip(by, key)), "share": share[LENS], "chance": share[strongest], "control": strongest,
+                     "above": share[LENS] - share[strongest], "ci_low": low, "ci_high": high,
+                     "n": int(counts[LENS].sum())})
+    return pd.DataFrame(rows)

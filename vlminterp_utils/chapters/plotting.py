@@ -123,6 +123,44 @@ def lines_with_ci(df, x: str, y: str, hue: str, ax=None, title: str | None = Non
     return ax
 
 
+def lens_chance_panels(shares, kinds=("object", "background"), size: tuple[float, float] = (3.0, 2.4)):
+    """Each lens's share per layer beside its chance controls: a row per patch kind, a column per lens, the lens
+    solid and each control in its own dash (the `reading` column), all with their 95% bands."""
+    lens_names, readings = list(dict.fromkeys(shares.lens)), list(dict.fromkeys(shares.reading))
+    dashes = dict(zip(readings, ["-", "--", ":", "-."]))
+    fig, axes = plt.subplots(len(kinds), len(lens_names), figsize=(size[0] * len(lens_names), size[1] * len(kinds)),
+                             sharex=True, sharey=True, squeeze=False)
+    for (i, kind), (j, lens) in ((a, b) for a in enumerate(kinds) for b in enumerate(lens_names)):
+        ax = axes[i, j]
+        for reading in readings:
+            part = shares[(shares.kind == kind) & (shares.lens == lens) & (shares.reading == reading)]
+            part = part.sort_values("layer")
+            ax.plot(part.layer, part.share, ls=dashes[reading], color=f"C{j}", label=reading)
+            ax.fill_between(part.layer, part.ci_low, part.ci_high, color=f"C{j}", alpha=0.12)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{lens}\n{kind} patches", fontsize=9)
+        if i == len(kinds) - 1:
+            ax.set_xlabel("layer")
+        if j == 0:
+            ax.set_ylabel("share interpreted")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def above_chance_panels(above, kinds=("object", "background"), title: str | None = None):
+    """Each lens's share minus its strongest control, per layer, one panel per patch kind, with 95% bands."""
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        lines_with_ci(above[above.kind == kind], x="layer", y="above", hue="lens", ax=ax,
+                      title=f"{kind} patches", ylabel="share above chance")
+        ax.axhline(0, color="black", lw=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None,
                  legend: bool = True, twin_suffix: str = "_outside"):
     """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns.

@@ -54,6 +54,7 @@ def atomic_path(target: str | Path, folder: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.partial-")
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); the target gets the usual mode
     try:
         yield tmp
         if folder and target.exists():
@@ -62,6 +63,12 @@ def atomic_path(target: str | Path, folder: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:
