@@ -148,6 +148,35 @@ def test_count_matched_controls_select_as_many_tokens_as_the_object(tiny):
         L.select_tokens(adapter, items, batch, "loudest", 1, rng, mean)
 
 
+def test_fixed_count_selections_take_that_many_tokens_whatever_the_object(grid_adapter):
+    scenes = [shapes.render_scene([("red", "circle", 28, 28, 10)], size=64),
+              shapes.render_scene([("blue", "square", 4, 4, 40)], size=64)]
+    items = [L.Item(shapes.Example(s, "What colour is it?", s.objects[0].color, "vqa_color", 0, (0,)), 0)
+             for s in scenes]
+    scores = torch.arange(64.0).repeat(2, 1)
+    rng = np.random.default_rng(0)
+    for method in ("random", "high_norm", "random_outside"):
+        masks = L.select_tokens(grid_adapter, items, None, method, 1, rng, None, scores=scores, count=5)
+        assert masks.sum(1).tolist() == [5, 5], method
+    top = L.select_tokens(grid_adapter, items, None, "high_norm", 1, rng, None, scores=scores, count=3)
+    assert np.flatnonzero(top[0]).tolist() == [61, 62, 63]  # the three highest scores
+    with pytest.raises(ValueError, match="controls only"):
+        L.select_tokens(grid_adapter, items, None, "object", 1, rng, None, count=3)
+
+
+@pytest.mark.filterwarnings("ignore:no .* answered correctly")  # a random tiny model
+def test_the_fixed_count_sweep_has_a_row_per_method_and_count(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 4, 0, adapter.image_size)
+    mean = I.mean_visual_token(adapter, n_images=4, cache=False)
+    table = L.fixed_count_sweep(adapter, items, "vqa", counts=(1, 4), methods=("random", "high_norm"),
+                                mean_token=mean)
+    assert table[["method", "fixed_count"]].values.tolist() == [["object", 0], ["random", 1], ["random", 4],
+                                                                ["high_norm", 1], ["high_norm", 4]]
+    assert (table.n == 4).all()
+
+
 def test_controls_outside_the_object_never_pick_its_tokens_and_say_their_overlap(grid_adapter):
     """On shapes-llava's 8 x 8 grid: one small object, then one that leaves too few tokens outside it."""
     small = shapes.render_scene([("red", "circle", 28, 28, 10)], size=64)

@@ -128,13 +128,17 @@ def selection_scores(adapter, items: list[Item], batch: dict, method: str, basel
 
 
 def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: int, rng: np.random.Generator,
-                  baseline: torch.Tensor, ig_steps: int = 8, scores: torch.Tensor | None = None) -> torch.Tensor:
+                  baseline: torch.Tensor, ig_steps: int = 8, scores: torch.Tensor | None = None,
+                  count: int | None = None) -> torch.Tensor:
     """(batch, n_visual) masks: the targets' tokens, or count-matched random / high-norm / high-gradient ones.
 
     A control named `..._outside` draws only from tokens that do not show the target object (its buffer-0
     tokens); where fewer such tokens exist than the selection needs, its row is all False (no count-matched
     control exists, and `ablation_records` leaves the item out of that condition).
-    `scores` (from `selection_scores`) can be computed once and reused across buffers."""
+    `scores` (from `selection_scores`) can be computed once and reused across buffers. With `count`, a control
+    takes that many tokens whatever the object's size (the official code's fixed-count sweeps)."""
+    if count is not None and method.removesuffix(OUTSIDE) == "object":
+        raise ValueError("the object's tokens have the object's size; a fixed `count` applies to the controls only")
     if scores is None:
         scores = selection_scores(adapter, items, batch, method, baseline, ig_steps)
     objects = [I.object_tokens(adapter, it.example.scene, buffer, [it.target]) for it in items]
@@ -145,15 +149,15 @@ def select_tokens(adapter, items: list[Item], batch: dict, method: str, buffer: 
     base = method.removesuffix(OUTSIDE)
     masks = []
     for i, (m, p) in enumerate(zip(objects, patches)):
-        count = int(m.sum())
+        size = int(m.sum()) if count is None else count
         if base == "object":
             masks.append(m)
-        elif count > p.sum():
+        elif size > p.sum():
             masks.append(np.zeros_like(m))
         elif base == "random":
-            masks.append(I.random_tokens(len(m), count, rng, exclude=~p))
+            masks.append(I.random_tokens(len(m), size, rng, exclude=~p))
         else:
-            masks.append(I.top_k_mask(scores[i].masked_fill(~torch.as_tensor(p), -torch.inf), count))
+            masks.append(I.top_k_mask(scores[i].masked_fill(~torch.as_tensor(p), -torch.inf), size))
     return torch.as_tensor(np.stack(masks))
 
 
@@ -178,14 +182,16 @@ def _correct(adapter, items: list[Item], batch: dict, setting: str) -> list[bool
             for p, it in zip(predicted, items)]
 
 
-def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[str, int, str]], seed: int = 0,
+def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple], seed: int = 0,
                      batch_size: int = 16, mean_token: torch.Tensor | None = None,
                      shard: str | None = None, ig_steps: int = 8) -> pd.DataFrame:
     """Per item and (method, buffer, mode) job: is the answer right before, and after ablating?
 
-    The work the jobs share is done once per batch: the un-ablated answers, and the norms and attributions a
-    control ranks tokens by (reused across buffers). The random control draws from a generator seeded by (`seed`,
-    batch), so a record depends neither on the other jobs nor on the shard (`core.shards`) that computes it."""
+    A job (method, buffer, mode, count) selects a fixed number of tokens instead of as many as the object's
+    (`fixed_count` in the records; 0 means count-matched). The work the jobs share is done once per batch: the
+    un-ablated answers, and the norms and attributions a control ranks tokens by (reused across buffers and
+    counts). The random control draws from a generator seeded by (`seed`, batch), so a record depends neither on
+    the other jobs nor on the shard (`core.shards`) that computes it."""
     mean_token = I.mean_visual_token(adapter) if mean_token is None else mean_token
     records = []
     n_batches = -(-len(items) // batch_size)
@@ -196,32 +202,44 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple[
         # Once per batch and ranking: a control and its twin outside the object share their scores.
         scores = {m: selection_scores(adapter, chunk, batch, m, mean_token, ig_steps)
                   for m in dict.fromkeys(j[0].removesuffix(OUTSIDE) for j in jobs)}
-        for method, buffer, mode in jobs:
+        for method, buffer, mode, *fixed in jobs:
             rng = np.random.default_rng([seed, b])
             masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token,
-                                  scores=scores[method.removesuffix(OUTSIDE)])
+                                  scores=scores[method.removesuffix(OUTSIDE)], count=fixed[0] if fixed else None)
             overlap = overlap_with_object(adapter, chunk, masks)
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
                 after = _correct(adapter, chunk, batch, setting)
             records += [{"setting": setting, "method": method, "buffer": buffer, "mode": mode,
-                         "item": b * batch_size + j, "before": x, "after": y, "overlap": o}
+                         "fixed_count": fixed[0] if fixed else 0, "item": b * batch_size + j, "before": x,
+                         "after": y, "overlap": o}
                         for j, (x, y, o, drawn) in enumerate(zip(before, after, overlap, masks.any(1).tolist()))
                         if drawn]  # no count-matched control outside the object: the item sits this one out
-    return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "item", "before", "after",
-                                          "overlap"])
+    return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "fixed_count", "item", "before",
+                                          "after", "overlap"])
 
 
-def flip_table(records: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Per (setting, method, buffer, mode): the flip rate among initially correct items, with its bootstrap 95% CI,
-    and `overlap`, the mean share of the selected tokens that lie in the target's buffer-1 tokens."""
+def flip_table(records: pd.DataFrame, seed: int = 0, by=("setting", "method", "buffer", "mode")) -> pd.DataFrame:
+    """Per (setting, method, buffer, mode), or the columns `by`: the flip rate among initially correct items, with
+    its bootstrap 95% CI, and `overlap`, the mean share of the selected tokens in the target's buffer-1 tokens."""
     rows = []
-    for (setting, method, buffer, mode), part in records.groupby(["setting", "method", "buffer", "mode"], sort=False):
+    for key, part in records.groupby(list(by), sort=False):
         part = part.sort_values("item")
         flip, lo, hi = stats.bootstrap_ci(part.before.tolist(), part.after.tolist(), seed=seed)
-        rows.append({"setting": setting, "method": method, "buffer": buffer, "mode": mode, "n": len(part),
-                     "initially_correct": int(part.before.sum()), "flip_rate": flip, "ci_low": lo, "ci_high": hi,
-                     "overlap": part.overlap.mean()})
+        rows.append({**dict(zip(by, key)), "n": len(part), "initially_correct": int(part.before.sum()),
+                     "flip_rate": flip, "ci_low": lo, "ci_high": hi, "overlap": part.overlap.mean()})
     return pd.DataFrame(rows)
+
+
+def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=("random", "high_gradient"),
+                      seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None,
+                      mode: str = "mean", ig_steps: int = 8) -> pd.DataFrame:
+    """The official code's sweep: flip rates of ablating a fixed number of tokens, chosen at random or by
+    attribution, over a range of counts; the object's own tokens (count-matched) as a reference row per item set.
+
+    Attributions are computed once per batch and reused for every count."""
+    jobs = [("object", 1, mode)] + [(m, 1, mode, c) for m in methods for c in counts]
+    records = ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, ig_steps=ig_steps)
+    return flip_table(records, seed, by=("setting", "method", "fixed_count"))
 
 
 def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
