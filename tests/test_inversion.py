@@ -106,3 +106,28 @@ def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llav
     recognised = table.groupby("ablation").recognised.sum()
     print("recognised of 6:", recognised.to_dict())
     assert recognised["all"] > recognised["CE only"], table
+
+
+def test_crossed_pairs_need_concepts_that_differ_in_colour_and_shape():
+    concepts = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
+    assert V.crossed_pairs(concepts) == [(concepts[0], concepts[1]), (concepts[1], concepts[2]),
+                                         (concepts[2], concepts[0])]
+    with pytest.raises(ValueError, match="share a colour or a shape"):
+        V.crossed_pairs([("red", "circle"), ("red", "square")])
+    with pytest.raises(ValueError, match="at least two"):
+        V.crossed_pairs([("red", "circle")])
+
+
+def test_statistics_vs_answer_says_whose_colour_and_shape_each_image_has(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
+    _, _, adapter = tiny
+    concepts = [("red", "circle"), ("blue", "square")]
+    table, images = V.statistics_vs_answer(adapter, concepts, V.InversionConfig(steps=2, progress=False))
+    assert table.statistics_of.tolist() == ["red circle", "blue square"]
+    assert table.answer.tolist() == ["blue square", "red circle"] and len(images) == 2
+    for row in table.itertuples():
+        colour, shape = row.classifier.split()
+        expected = "statistics" if colour == row.statistics_of.split()[0] else \
+            "answer" if colour == row.answer.split()[0] else "neither"
+        assert row.colour_from == expected
+        assert row.shape_from in {"statistics", "answer", "neither"}

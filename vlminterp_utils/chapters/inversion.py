@@ -303,3 +303,39 @@ def ablation_grid(adapter, concepts: list[tuple[str, str]], seeds=(0,), base: In
                          "recaption_right": normalize_answer(captions[i]) == targets[i]})
     return pd.DataFrame(rows), images
 
+
+
+def crossed_pairs(concepts: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """(statistics' concept, answer's concept) pairs: each concept's statistics with the next concept's answer.
+
+    Every pair must differ in colour *and* shape, so that the judge can say which of the two an image follows."""
+    if len(concepts) < 2:
+        raise ValueError("crossing statistics with answers needs at least two concepts")
+    pairs = [(a, b) for a, b in zip(concepts, concepts[1:] + concepts[:1])]
+    for (c1, s1), (c2, s2) in pairs:
+        if c1 == c2 or s1 == s2:
+            raise ValueError(f"{c1} {s1} and {c2} {s2} share a colour or a shape, so an image cannot say which it "
+                             "follows: order the concepts so that neighbours differ in both")
+    return pairs
+
+
+def _follows(predicted: str, from_statistics: str, from_answer: str) -> str:
+    return "statistics" if predicted == from_statistics else "answer" if predicted == from_answer else "neither"
+
+
+def statistics_vs_answer(adapter, concepts: list[tuple[str, str]], config: InversionConfig | None = None,
+                         classifier=None, prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, list]:
+    """Feature alignment to one concept's statistics while the answer names another: does the image follow the
+    statistics or the answer? One batch of inversions with all terms; the independent classifier says, for colour
+    and shape apart, whose the image's are. Returns the table and the images."""
+    pairs = crossed_pairs(concepts)
+    judge = classifier or clf.load()
+    stats = [concept_stats(adapter, c, s) for (c, s), _ in pairs]
+    targets = [concept_target(c, s) for _, (c, s) in pairs]
+    result = invert(adapter, prompt, targets, stats, config or InversionConfig())
+    colors, kinds, _ = clf.predict(judge, clf.to_pixels(result.images))
+    rows = [{"statistics_of": f"{sc} {ss}", "answer": f"{ac} {ash}", "classifier": f"{colors[i]} {kinds[i]}",
+             "colour_from": _follows(colors[i], sc, ac), "shape_from": _follows(kinds[i], ss, ash),
+             "target_probability": result.target_probability[i]}
+            for i, ((sc, ss), (ac, ash)) in enumerate(pairs)]
+    return pd.DataFrame(rows), result.images
