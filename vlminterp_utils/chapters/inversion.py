@@ -304,7 +304,6 @@ def ablation_grid(adapter, concepts: list[tuple[str, str]], seeds=(0,), base: In
     return pd.DataFrame(rows), images
 
 
-
 def crossed_pairs(concepts: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
     """(statistics' concept, answer's concept) pairs: each concept's statistics with the next concept's answer.
 

@@ -365,7 +365,7 @@ def load_corpus(source: str | Path | None = None, column: str = "text", limit: i
     """Sentences from one of the book's corpora ("shapes", the default, or "neutral"), a text file (one sentence
     per line) or a `datasets.Dataset` column."""
     if source is None or source in CORPORA:
-        source = data_path(*CORPORA[source or "shapes"])
+        source = data_path(*(CORPORA[source] if source else DEFAULT_CORPUS))
     if hasattr(source, "column_names"):  # a datasets.Dataset
         if column not in source.column_names:
             raise ValueError(f"the dataset has no column {column!r}; its columns: {source.column_names}")

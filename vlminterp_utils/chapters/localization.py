@@ -203,15 +203,16 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple]
         scores = {m: selection_scores(adapter, chunk, batch, m, mean_token, ig_steps)
                   for m in dict.fromkeys(j[0].removesuffix(OUTSIDE) for j in jobs)}
         for method, buffer, mode, *fixed in jobs:
+            count = fixed[0] if fixed else None
             rng = np.random.default_rng([seed, b])
             masks = select_tokens(adapter, chunk, batch, method, buffer, rng, mean_token,
-                                  scores=scores[method.removesuffix(OUTSIDE)], count=fixed[0] if fixed else None)
+                                  scores=scores[method.removesuffix(OUTSIDE)], count=count)
             overlap = overlap_with_object(adapter, chunk, masks)
             with I.ablate(adapter, masks, mode, mean_token=mean_token):
                 after = _correct(adapter, chunk, batch, setting)
             records += [{"setting": setting, "method": method, "buffer": buffer, "mode": mode,
-                         "fixed_count": fixed[0] if fixed else 0, "item": b * batch_size + j, "before": x,
-                         "after": y, "overlap": o}
+                         "fixed_count": count or 0, "item": b * batch_size + j, "before": x, "after": y,
+                         "overlap": o}
                         for j, (x, y, o, drawn) in enumerate(zip(before, after, overlap, masks.any(1).tolist()))
                         if drawn]  # no count-matched control outside the object: the item sits this one out
     return pd.DataFrame(records, columns=["setting", "method", "buffer", "mode", "fixed_count", "item", "before",

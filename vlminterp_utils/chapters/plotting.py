@@ -5,6 +5,7 @@ same code draws a square grid, a centre-cropped one, or LLaVA-NeXT's base grid (
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import matplotlib.pyplot as plt
@@ -130,7 +131,7 @@ def lens_chance_panels(shares, kinds=("object", "background"), size: tuple[float
     dashes = dict(zip(readings, ["-", "--", ":", "-."]))
     fig, axes = plt.subplots(len(kinds), len(lens_names), figsize=(size[0] * len(lens_names), size[1] * len(kinds)),
                              sharex=True, sharey=True, squeeze=False)
-    for (i, kind), (j, lens) in ((a, b) for a in enumerate(kinds) for b in enumerate(lens_names)):
+    for (i, kind), (j, lens) in itertools.product(enumerate(kinds), enumerate(lens_names)):
         ax = axes[i, j]
         for reading in readings:
             part = shares[(shares.kind == kind) & (shares.lens == lens) & (shares.reading == reading)]
@@ -139,10 +140,10 @@ def lens_chance_panels(shares, kinds=("object", "background"), size: tuple[float
             ax.fill_between(part.layer, part.ci_low, part.ci_high, color=f"C{j}", alpha=0.12)
         ax.grid(alpha=0.3)
         ax.set_title(f"{lens}\n{kind} patches", fontsize=9)
-        if i == len(kinds) - 1:
-            ax.set_xlabel("layer")
-        if j == 0:
-            ax.set_ylabel("share interpreted")
+    for ax in axes[-1]:
+        ax.set_xlabel("layer")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share interpreted")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
