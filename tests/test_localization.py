@@ -264,3 +264,21 @@ def test_items_carry_a_models_answer_style():
     assert items[0].question.endswith("? Answer with one word.") and items[0].answer_prefix == "It is"
     captions = L.make_items("generative", 2, 0, 64, question_suffix=" x", answer_prefix="y")
     assert captions[0].question == shapes.CAPTION_PROMPT and captions[0].answer_prefix == ""
+
+
+def test_the_noise_filter_noises_exactly_the_objects_patches_and_keeps_what_noise_breaks(tiny):
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 3, 0, adapter.image_size)
+    item = items[0]
+    before = np.array(item.example.scene.image.convert("RGB"))
+    after = np.array(L.noised_object(adapter, item, np.random.default_rng(0)))
+    changed = (before != after).any(-1)
+    regions = adapter.token_regions(item.example.scene.image.size)
+    covered = np.zeros_like(changed)
+    for x0, y0, x1, y1 in regions[adapter.object_tokens(item.object.mask, 0)].astype(int):
+        covered[y0:y1, x0:x1] = True  # shapes-llava's grid: whole-pixel boxes
+    assert covered[item.object.mask].all()  # every object pixel lies in a noised patch
+    assert not changed[~covered].any() and changed[covered].mean() > 0.9  # noise there, and nowhere else
+    table = L.noise_filter(adapter, items, "vqa", batch_size=2)
+    assert table.item.tolist() == [0, 1, 2]
+    assert (table.kept == (table.clean & ~table.noised)).all()

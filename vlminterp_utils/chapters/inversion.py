@@ -7,7 +7,8 @@ Gradient descent on the pixels through the frozen model, with
   - a patch-boundary term: squared differences across the ViT's patch boundaries,
   - priors: TV-L1, TV-L2 (with diagonals) and L2,
 and random jitter (optionally flips) every step, pixels clamped to [0, 1], Adam with betas (0.5, 0.9) and a cosine
-schedule.
+schedule. The official code's initialisation (standard-normal pixels, clipped) and jitter (reflect-pad, then crop)
+are options (`InversionConfig.init`, `.jitter_mode`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import shapes, shards
+from ..core import shapes, shards, stats as S
 from ..core.readout import answer_token_losses, normalize_answer, pad_right
 from ..core.storage import cache_key, cached_tensors
 from . import classifier as clf
@@ -35,8 +36,9 @@ class InversionConfig:
     The prior weights were chosen by eye on shapes-llava: with TV-L2 2, patch 1 and L2 0.05 the images stayed
     high-frequency noise with visible patch seams; these remove most of both while the target's probability still
     reaches about 0.9 or more. Steps and learning rate, measured on 6 concepts, seed 0 (images the independent
-    classifier names, all terms vs CE only): 150 steps at lr 0.05, 2 vs 0 of 6; 75 at 0.05, 1 vs 0; 75 at 0.1,
-    3 vs 0, in half the time of 150 steps.
+    classifier names, all terms vs CE only), when a batch still shared one jitter: 150 steps at lr 0.05, 2 vs 0 of
+    6; 75 at 0.05, 1 vs 0; 75 at 0.1, 3 vs 0, in half the time of 150 steps. With each image's own jitter, 75 at
+    0.1: 2 vs 0 on seed 0 and on seed 1 (`benchmarks/bench_mimic_recipe.py --seed S`).
     """
 
     steps: int = 75
@@ -47,12 +49,29 @@ class InversionConfig:
     tv_l1: float = 0.0
     tv_l2: float = 100.0
     l2: float = 1.0
-    jitter: int = 2  # pixels, each direction
+    jitter: int = 2  # pixels, each direction; every image of a batch draws its own shift
+    jitter_mode: str = "roll"  # "roll" (wrap around) or "reflect" (the official code: reflect-pad, then crop)
     flip: bool = False
-    init_std: float = 0.05  # around mid-gray
+    init: str = "gray"  # "gray": mid-gray plus noise; "noise": the official N(0, 1) pixels, clipped; "blank": black
+    init_std: float = 0.05  # the noise around mid-gray of the "gray" start
     betas: tuple[float, float] = (0.5, 0.9)
     seed: int = 0
     progress: bool = True
+
+
+INITS = ("gray", "noise", "blank")
+JITTER_MODES = ("roll", "reflect")
+# The prompt-template ablation: the shapes world's caption prompt (shapes-llava's training prompt), MIMIC's own
+# question (its data/prompts.json) and a question the model never saw in training.
+TEMPLATES = (shapes.CAPTION_PROMPT, "What is depicted in the image?", "What do you see here?")
+
+# The official code jitters by up to 16 pixels at 336 px (`run_mimic.py`); scaled to the model's image size.
+OFFICIAL_JITTER_FRACTION = 16 / 336
+
+
+def official_start(image_size: int) -> dict:
+    """InversionConfig fields for the official code's start and jitter: N(0, 1) pixels clipped, reflect jitter."""
+    return dict(init="noise", jitter_mode="reflect", jitter=max(1, round(OFFICIAL_JITTER_FRACTION * image_size)))
 
 
 ABLATIONS: dict[str, dict] = {
@@ -194,14 +213,53 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
+def _shift(image: torch.Tensor, dy: int, dx: int, mode: str) -> torch.Tensor:
+    if mode == "roll":
+        return torch.roll(image, shifts=(dy, dx), dims=(1, 2))
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return image
+    h, w = image.shape[-2:]
+    padded = torch.nn.functional.pad(image[None], (pad, pad, pad, pad), mode="reflect")[0]
+    return padded[:, pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def jittered(pixels: torch.Tensor, config: InversionConfig, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by its own random offset (and flipped with probability 1/2 when `config.flip`): no
+    pixel-exact trick survives."""
+    n = pixels.shape[0]
+    shifts = torch.randint(-config.jitter, config.jitter + 1, (n, 2), generator=generator).tolist()
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    views = []
+    for image, (dy, dx), flip in zip(pixels, shifts, flips):
+        view = _shift(image, dy, dx, config.jitter_mode)
+        views.append(view.flip(2) if config.flip and flip else view)
+    return torch.stack(views)
+
+
+def initial_pixels(n: int, size: int, config: InversionConfig, generator: torch.Generator) -> torch.Tensor:
+    """The starting images, (n, 3, size, size) in [0, 1]."""
+    noise = torch.randn(n, 3, size, size, generator=generator)
+    if config.init == "gray":
+        return (0.5 + config.init_std * noise).clamp(0, 1)
+    if config.init == "noise":  # the official code: torch.randn pixels, clipped to the valid range after a step
+        return noise.clamp(0, 1)
+    return torch.zeros(n, 3, size, size)
+
+
+def _check_config(config: InversionConfig) -> None:
+    if config.init not in INITS:
+        raise ValueError(f"unknown init {config.init!r}; choose one of {', '.join(INITS)}")
+    if config.jitter_mode not in JITTER_MODES:
+        raise ValueError(f"unknown jitter_mode {config.jitter_mode!r}; choose one of {', '.join(JITTER_MODES)}")
+    if config.jitter < 0 or config.steps < 1:
+        raise ValueError(f"jitter must be >= 0 and steps >= 1 (got jitter={config.jitter}, steps={config.steps})")
+
+
 def loss_terms(adapter, pixels: torch.Tensor, batch: dict, stats: dict | None, config: InversionConfig,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
     """MIMIC's weighted loss terms for one step; terms whose weight is 0 are not computed."""
-    dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
-    view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))  # jitter: no pixel-exact trick survives
-    if config.flip and torch.rand(1, generator=generator) < 0.5:
-        view = view.flip(3)
-    vision = adapter.pixel_inputs(view)
+    vision = adapter.pixel_inputs(jittered(pixels, config, generator))
     terms = {}
     if config.ce > 0:
         terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, vision).mean()
@@ -226,6 +284,7 @@ def invert(adapter, prompt, target_text, stats=None, config: InversionConfig | N
     and their `requires_grad` flags restored afterwards.
     """
     config = config or InversionConfig()
+    _check_config(config)
     model = adapter.model
     prompts, targets = _check_text(prompt, target_text, adapter)
     n = len(targets)
@@ -240,8 +299,7 @@ def invert(adapter, prompt, target_text, stats=None, config: InversionConfig | N
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     size = adapter.image_size
-    pixels = (0.5 + config.init_std * torch.randn(n, 3, size, size, generator=generator)).clamp(0, 1)
-    pixels = pixels.to(adapter.device).requires_grad_(True)
+    pixels = initial_pixels(n, size, config, generator).to(adapter.device).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=config.lr, betas=config.betas)
     history = []
     try:
@@ -274,34 +332,98 @@ def concept_target(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
+def _invert_and_judge(adapter, statistics_of, answers, prompt: str, config: InversionConfig, judge):
+    """Invert one batch (feature alignment to the concepts `statistics_of`, the answers naming `answers`) and let
+    the independent classifier name each image's colour and shape. Returns the result, targets, colours, shapes."""
+    stats = [concept_stats(adapter, c, s) for c, s in statistics_of] if config.feature > 0 else None
+    targets = [concept_target(c, s) for c, s in answers]
+    result = invert(adapter, prompt, targets, stats, config)
+    colors, kinds, _ = clf.predict(judge, clf.to_pixels(result.images))
+    return result, targets, colors, kinds
+
+
 def ablation_grid(adapter, concepts: list[tuple[str, str]], seeds=(0,), base: InversionConfig | None = None,
                   ablations: dict[str, dict] | None = None, classifier=None,
-                  prompt: str = shapes.CAPTION_PROMPT, shard: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Invert every concept under every ablation and seed; judge each image with the independent classifier,
-    the target's probability under the VLM and the VLM's own re-caption. Returns the table and the images.
+                  prompt: str = shapes.CAPTION_PROMPT, shard: str | None = None,
+                  repeats: int = 1) -> tuple[pd.DataFrame, dict]:
+    """Invert every concept `repeats` times under every ablation and seed; judge each image with the independent
+    classifier, the target's probability under the VLM and the VLM's own re-caption. Returns the table and the
+    images, keyed (ablation, seed, colour, shape, repeat).
 
-    `shard="i/n"` runs every n-th (ablation, seed) setting (`core.shards`); concatenating the parts' tables in
-    shard order and joining their images gives what one run gives, up to the order of the rows."""
+    One (ablation, seed) setting is one batch of len(concepts) x repeats inversions, each from its own start
+    and jitter. `shard="i/n"` runs every n-th setting (`core.shards`); concatenating the parts' tables in shard
+    order and joining their images gives what one run gives, up to the order of the rows."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (got {repeats})")
     base = base or InversionConfig()
     ablations = ablations or ABLATIONS
     judge = classifier or clf.load()
-    stats = [concept_stats(adapter, c, s) for c, s in concepts]
-    targets = [concept_target(c, s) for c, s in concepts]
+    batch = [(concept, r) for r in range(repeats) for concept in concepts]
+    batch_concepts = [concept for concept, _ in batch]
     rows, images = [], {}
     settings = [(name, seed) for name in ablations for seed in seeds]
     for name, seed in (settings[u] for u in shards.units(len(settings), shard)):
         config = replace(base, seed=seed, **ablations[name])
-        result = invert(adapter, prompt, targets, stats, config)
-        colors, kinds, confidence = clf.predict(judge, clf.to_pixels(result.images))
+        result, targets, colors, kinds = _invert_and_judge(adapter, batch_concepts, batch_concepts, prompt,
+                                                           config, judge)
         captions = adapter.generate(result.images, [prompt] * len(targets))
-        for i, (color, shape) in enumerate(concepts):
-            images[(name, seed, color, shape)] = result.images[i]
-            rows.append({"ablation": name, "seed": seed, "concept": f"{color} {shape}",
+        for i, ((color, shape), r) in enumerate(batch):
+            images[(name, seed, color, shape, r)] = result.images[i]
+            rows.append({"ablation": name, "seed": seed, "repeat": r, "concept": f"{color} {shape}",
                          "classifier": f"{colors[i]} {kinds[i]}", "recognised": colors[i] == color and
                          kinds[i] == shape, "color_right": colors[i] == color, "shape_right": kinds[i] == shape,
                          "target_probability": result.target_probability[i], "recaption": captions[i],
                          "recaption_right": normalize_answer(captions[i]) == targets[i]})
     return pd.DataFrame(rows), images
+
+
+def template_ablation(adapter, concepts: list[tuple[str, str]], templates=TEMPLATES,
+                      base: InversionConfig | None = None, classifier=None,
+                      repeats: int = 1) -> tuple[pd.DataFrame, dict]:
+    """All terms under each prompt template: `ablation_grid`'s "all" row once per template, with a `template`
+    column. Images keyed (template, colour, shape, repeat)."""
+    tables, images = [], {}
+    for template in templates:
+        table, grid = ablation_grid(adapter, concepts, base=base, ablations={"all": ABLATIONS["all"]},
+                                    classifier=classifier, prompt=template, repeats=repeats)
+        tables.append(table.assign(template=template))
+        images.update({(template, c, s, r): image for (_, _, c, s, r), image in grid.items()})
+    return pd.concat(tables, ignore_index=True), images
+
+
+def recipe_variants(adapter, concepts: list[tuple[str, str]], base: InversionConfig | None = None,
+                    classifier=None, repeats: int = 1, templates=TEMPLATES[1:],
+                    reference: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """All terms, varied one thing at a time: each prompt template in `templates`, and the official code's start
+    and jitter (`official_start`). A `variant` column names each; `reference` (e.g. the grid's "all" rows) joins
+    the table as "this book's recipe". Images keyed (variant, colour, shape, repeat)."""
+    base = base or InversionConfig()
+    judge = classifier or clf.load()
+    tables, images = [] if reference is None else [reference.assign(variant="this book's recipe")], {}
+    by_template, template_images = template_ablation(adapter, concepts, templates, base, judge, repeats)
+    tables.append(by_template.assign(variant="prompt: " + by_template.template))
+    images.update({(f"prompt: {t}", c, s, r): image for (t, c, s, r), image in template_images.items()})
+    official, official_images = ablation_grid(adapter, concepts, base=replace(base, **official_start(
+        adapter.image_size)), ablations={"all": ABLATIONS["all"]}, classifier=judge, repeats=repeats)
+    tables.append(official.assign(variant="official start and jitter"))
+    images.update({("official start and jitter", c, s, r): image for (_, _, c, s, r), image in
+                   official_images.items()})
+    return pd.concat(tables, ignore_index=True), images
+
+
+def recognition_summary(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Per group: the share of inversions the classifier recognises with a bootstrap 95% interval over
+    inversions (`ci_low`, `ci_high`), the shares with the right colour and shape, the VLM's mean probability of the
+    target and its exact re-captions, and n. Inversions of one concept are not independent draws of every concept,
+    so with few concepts the interval is a lower bound on the uncertainty."""
+    rows = {}
+    for name, group in table.groupby(by, sort=False):
+        share, low, high = S.bootstrap_mean(group.recognised.to_numpy(float))
+        rows[name] = {"recognised": share, "ci_low": low, "ci_high": high,
+                      "colour_right": group.color_right.mean(), "shape_right": group.shape_right.mean(),
+                      "target_probability": group.target_probability.mean(),
+                      "recaption_right": group.recaption_right.mean(), "n": len(group)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)
 
 
 def crossed_pairs(concepts: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -323,16 +445,16 @@ def _follows(predicted: str, from_statistics: str, from_answer: str) -> str:
 
 
 def statistics_vs_answer(adapter, concepts: list[tuple[str, str]], config: InversionConfig | None = None,
-                         classifier=None, prompt: str = shapes.CAPTION_PROMPT) -> tuple[pd.DataFrame, list]:
+                         classifier=None, prompt: str = shapes.CAPTION_PROMPT,
+                         repeats: int = 1) -> tuple[pd.DataFrame, list]:
     """Feature alignment to one concept's statistics while the answer names another: does the image follow the
-    statistics or the answer? One batch of inversions with all terms; the independent classifier says, for colour
-    and shape apart, whose the image's are. Returns the table and the images."""
-    pairs = crossed_pairs(concepts)
-    judge = classifier or clf.load()
-    stats = [concept_stats(adapter, c, s) for (c, s), _ in pairs]
-    targets = [concept_target(c, s) for _, (c, s) in pairs]
-    result = invert(adapter, prompt, targets, stats, config or InversionConfig())
-    colors, kinds, _ = clf.predict(judge, clf.to_pixels(result.images))
+    statistics or the answer? One batch of inversions with all terms, each pair `repeats` times; the independent
+    classifier says, for colour and shape apart, whose the image's are. Returns the table and the images."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (got {repeats})")
+    pairs = crossed_pairs(concepts) * repeats
+    result, _, colors, kinds = _invert_and_judge(adapter, [a for a, _ in pairs], [b for _, b in pairs], prompt,
+                                                 config or InversionConfig(), classifier or clf.load())
     rows = [{"statistics_of": f"{sc} {ss}", "answer": f"{ac} {ash}", "classifier": f"{colors[i]} {kinds[i]}",
              "colour_from": _follows(colors[i], sc, ac), "shape_from": _follows(kinds[i], ss, ash),
              "target_probability": result.target_probability[i]}

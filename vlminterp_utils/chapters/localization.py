@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core import geometry, readout, shapes, shards, stats
@@ -280,6 +281,49 @@ def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
         items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
         parts.append(ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, shard, ig_steps))
     return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------- noise filter
+
+def noised_object(adapter, item: Item, rng: np.random.Generator) -> Image.Image:
+    """The item's image with every patch that shows the target object (buffer 0) filled with uniform noise, as the
+    official code's filter does (`replace_image_regions_with_patches`), through the model's own patch boxes."""
+    image = item.example.scene.image.convert("RGB")
+    regions = adapter.token_regions(image.size)
+    pixels = np.array(image)
+    h, w = pixels.shape[:2]
+    for x0, y0, x1, y1 in regions[adapter.object_tokens(item.object.mask, 0)]:
+        # the pixels whose centres lie in the box, as `geometry.tokens_touching` counts them
+        xs = slice(*np.clip(np.ceil(np.array([x0, x1]) - 0.5), 0, w).astype(int))
+        ys = slice(*np.clip(np.ceil(np.array([y0, y1]) - 0.5), 0, h).astype(int))
+        pixels[ys, xs] = rng.integers(0, 256, pixels[ys, xs].shape)
+    return Image.fromarray(pixels)
+
+
+def noise_filter(adapter, items: list[Item], setting: str, seed: int = 0, batch_size: int = 16) -> pd.DataFrame:
+    """Neo et al.'s filter, per item: answered right on the image (`clean`) and on the image with the object's
+    patches noised (`noised`); `kept` when the first holds and the second does not, so that the answer is known
+    to need the object's pixels rather than the question's priors or the rest of the scene."""
+    rows = []
+    for b in range(-(-len(items) // batch_size)):
+        chunk = items[b * batch_size:(b + 1) * batch_size]
+        rng = np.random.default_rng([seed, b])
+        noised = [noised_object(adapter, it, rng) for it in chunk]
+        clean = _correct(adapter, chunk, batch_of(adapter, chunk), setting)
+        broken = adapter.inputs(noised, [it.question for it in chunk], [it.answer_prefix for it in chunk])
+        after = _correct(adapter, chunk, broken, setting)
+        rows += [{"setting": setting, "item": b * batch_size + j, "clean": x, "noised": y, "kept": x and not y}
+                 for j, (x, y) in enumerate(zip(clean, after))]
+    return pd.DataFrame(rows, columns=["setting", "item", "clean", "noised", "kept"])
+
+
+def noise_filter_sweep(adapter, settings=SETTINGS, n: int = 64, seed: int = 0, question_suffix: str = "",
+                       answer_prefix: str = "", batch_size: int = 16) -> pd.DataFrame:
+    """`noise_filter` on the items `ablation_sweep` makes for each setting (same `n`, `seed` and answer style),
+    so that its `kept` rows select records of the sweep: `records.merge(kept[kept.kept][["setting", "item"]])`."""
+    return pd.concat([noise_filter(adapter, make_items(s, n, seed, adapter.image_size, question_suffix,
+                                                       answer_prefix), s, seed, batch_size)
+                      for s in tqdm(settings, desc="noise filter")], ignore_index=True)
 
 
 def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
