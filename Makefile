@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) scripts/build_book.py --smoke
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 book: $(STAMP)
 	$(PY) scripts/build_book.py

@@ -50,9 +50,11 @@ def publish_chapter_files(executed: Path, html: Path) -> list[Path]:
 def execute(nb: Path, smoke: bool) -> str:
     started = time.time()
     out = STAGE / "notebooks" / nb.name
+    # A stalled kernel fails the build instead of hanging it. In full mode one cell may run long on a CPU:
+    # chapter 3's ablation grid (24 inversions per setting) takes about 45 minutes on 2 cores.
     papermill.execute_notebook(str(nb), str(out), parameters={"smoke": smoke},
                                cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
-                               execution_timeout=1800)  # a stalled kernel fails the build, not hangs it
+                               execution_timeout=1800 if smoke else 4 * 3600)
     executed = json.loads(out.read_text())
     hide_injected_parameters(executed)
     write_text(out, json.dumps(executed, indent=1, ensure_ascii=False) + "\n")  # atomic: never half-written

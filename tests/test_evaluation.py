@@ -59,3 +59,17 @@ def test_model_card_explains_binding_turns_and_reports_the_diagnostic():
     assert "| polling, swapped attributes (diagnostic) | 87.0% | none |" in card
     assert 'answers "yes" to 1 of its 3 negatives' in card
     assert "swapped attributes" not in evaluation.model_card(run, accuracy, 100, [])  # no measurement, no row
+
+
+def test_the_tuned_models_card_says_its_llm_was_tuned_by_lora_and_ships_the_updates():
+    first = _run(10, 1.0, pretrain_steps=1000, qa_from=7)
+    tuned = _run(4, 0.5, seed=5, qa_from=0, lora_rank=8, lr_lora=3e-4, continued_from=first)
+    accuracy = {"caption": 0.93, "polling": 0.96, "vqa_color": 0.96, "vqa_shape": 0.97, "vqa_position": 0.8}
+    lora = {"rank": 8, "alpha": 16.0, "targets": ["down_proj", "q_proj"]}
+    card = evaluation.model_card(tuned, accuracy, 100, [], "shapes-llava-tuned", lora)
+    assert card.startswith("# shapes-llava-tuned") and "**tuned by LoRA** (rank 8)" in card
+    assert "LoRA of rank 8 (alpha 16, learning rate 0.0003) on every linear layer" in card
+    assert "(down_proj, q_proj)" in card and '`lora.safetensors`' in card and 'load_vlm("shapes-llava-tuned")' in card
+    assert "**frozen**" not in card and "never tuned" not in card
+    base = evaluation.model_card(first, accuracy, 100, [])
+    assert "**frozen**" in base and "LoRA" not in base and "never tuned" in base

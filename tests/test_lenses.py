@@ -118,6 +118,20 @@ def test_compare_with_chance_judges_each_lens_and_its_controls(tiny):
     assert set(judged.hit.unique()) <= {0.0, 1.0} and set(judged.kind) <= {"object", "background"}
 
 
+def test_several_lenses_read_from_one_pass_what_each_reads_alone(tiny, monkeypatch):
+    _, _, adapter = tiny
+    examples = shapes.make_examples(3, 0, "caption", size=adapter.image_size)
+    pair = [lenses.LogitLens(adapter), lenses.EmbeddingLens(adapter)]
+    passes = []
+    real = lenses.visual_hidden_states
+    monkeypatch.setattr(lenses, "visual_hidden_states", lambda *a: passes.append(1) or real(*a))
+    together = lenses.readings_of_lenses(adapter, pair, examples, k=2, layers=[0, 2], batch_size=2)
+    assert len(passes) == 2  # one forward pass per batch of images, not one per lens
+    for lens, readings in zip(pair, together):
+        alone = lenses.patch_readings(adapter, lens, examples, k=2, layers=[0, 2], batch_size=2)
+        pd.testing.assert_frame_equal(readings, alone)
+
+
 def test_the_chance_figures_draw_every_lens_and_reading():
     import matplotlib
     matplotlib.use("Agg")

@@ -1,11 +1,14 @@
 """The embedded model: it loads offline, answers held-out questions above the quality bar, and trains."""
+import copy
 import json
 import math
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from tiny_models import build_tiny_llava
 from vlminterp_utils import models
 from vlminterp_utils.workshop import evaluation, train
 
@@ -74,3 +77,52 @@ def test_trained_weights_assemble_into_the_cached_checkpoint(tmp_path):
     path = models.shapes_llava_checkpoint()
     assert (path / "config.json").exists() and (path / "processor_config.json").exists()
     assert not list(path.parent.glob(".partial-*"))
+
+
+def test_lora_updates_merged_into_the_llm_give_the_lora_models_outputs(tmp_path, smol_tokenizer):
+    """shapes-llava-tuned ships LoRA updates and merges them on load: the merged plain model must compute what the
+    model with LoRA layers computed, and the vision tower must stay as it was (LoRA goes into the LLM only)."""
+    model, processor = build_tiny_llava(tokenizer=smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    batch = adapter.inputs([Image.new("RGB", (32, 32), "red")], ["What colour is the circle?"])
+    before = model(**batch).logits
+    base = copy.deepcopy(model)
+    targets = train.lora_targets(adapter)
+    assert set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    params = train.add_lora(adapter, rank=2, alpha=4.0, targets=targets)
+    assert torch.equal(model(**batch).logits, before)  # B starts at zero: LoRA changes nothing yet
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.2)
+    tuned = model(**batch).logits
+    assert not torch.allclose(tuned, before, atol=1e-3)
+    state = train.lora_state(model)
+    assert state and all(".language_model." in k and k.endswith((".lora_A", ".lora_B")) for k in state)
+    train.save_atomic(state, {"rank": 2, "alpha": 4.0}, tmp_path / models.LORA_FILE)
+    models.merge_lora(base, tmp_path / models.LORA_FILE)
+    assert torch.allclose(base(**batch).logits, tuned, atol=1e-5)
+    assert not any("lora" in name for name, _ in base.named_modules())
+    with pytest.raises(ValueError, match="has no layer"):
+        train.save_atomic({"model.nowhere.lora_A": torch.zeros(2, 2), "model.nowhere.lora_B": torch.zeros(2, 2)},
+                          {"rank": 2, "alpha": 4.0}, tmp_path / "bad.safetensors")
+        models.merge_lora(base, tmp_path / "bad.safetensors")
+    # a checkpoint with LoRA weights does not silently resume into a run without LoRA
+    optimizer = torch.optim.AdamW(params)
+    train.save_checkpoint(tmp_path / "checkpoint.safetensors", model, optimizer, 1, [])
+    with pytest.raises(ValueError, match="another --lora-rank"):
+        train.load_checkpoint(tmp_path / "checkpoint.safetensors", base, torch.optim.AdamW(base.parameters()))
+
+
+def test_a_lora_run_trains_the_llm_too_and_saves_its_updates_apart(tmp_path):
+    args = ["--out", str(tmp_path), "--steps", "1", "--pretrain-steps", "0", "--batch-size", "1",
+            "--eval-every", "5", "--eval-n", "1", "--max-turns", "1"]
+    meta = train.main(args + ["--lora-rank", "2", "--lr-lora", "0.01"])
+    assert meta["lora_rank"] == 2 and math.isfinite(meta["history"][0]["loss"])
+    lora = load_file(str(tmp_path / models.LORA_FILE))
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith(".lora_B"))  # B left zero
+    side = json.loads((tmp_path / models.LORA_FILE).with_suffix(".json").read_text())
+    assert side["rank"] == 2 and "q_proj" in side["targets"]
+    # the vision file stays what shapes-llava ships: no LoRA weight in it
+    assert all(k.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+               for k in load_file(str(tmp_path / models.VISION_FILE)))

