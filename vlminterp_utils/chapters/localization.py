@@ -229,7 +229,8 @@ def flip_table(records: pd.DataFrame, seed: int = 0, by=("setting", "method", "b
         flip, lo, hi = stats.bootstrap_ci(part.before.tolist(), part.after.tolist(), seed=seed)
         rows.append({**dict(zip(by, key)), "n": len(part), "initially_correct": int(part.before.sum()),
                      "flip_rate": flip, "ci_low": lo, "ci_high": hi, "overlap": part.overlap.mean()})
-    return pd.DataFrame(rows)
+    # no records (e.g. no question kept by a filter): an empty table that still has its columns
+    return pd.DataFrame(rows, columns=[*by, "n", "initially_correct", "flip_rate", "ci_low", "ci_high", "overlap"])
 
 
 def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=("random", "high_gradient"),
