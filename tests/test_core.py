@@ -36,6 +36,18 @@ def test_atomic_folders_replace_an_existing_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
+def test_a_cached_folder_another_process_finished_first_is_kept_not_replaced(tmp_path):
+    target = tmp_path / "checkpoint"
+    with storage.atomic_path(target, folder=True, keep_existing=True) as mine:
+        (mine / "f.txt").write_text("mine")
+        with storage.atomic_path(target, folder=True, keep_existing=True) as theirs:  # finishes first
+            (theirs / "f.txt").write_text("theirs")
+        reader = open(target / "f.txt")  # the other process is reading it when ours is done
+    assert reader.read() == "theirs" and (target / "f.txt").read_text() == "theirs"
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # ours is gone, nothing half-written
+
+
 def test_cached_artefacts_are_built_once_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
     calls = []

@@ -480,7 +480,9 @@ def shapes_llava_checkpoint(name: str = "shapes-llava") -> Path:
     target = cache_dir() / f"{name}-{source}-{digest}"
     if not (target / "config.json").exists():
         model, processor = build_shapes_llava(vision_weights, lora)
-        with atomic_path(target, folder=True) as tmp:  # a half-assembled folder never sits at the cached path
+        # A half-assembled folder never sits at the cached path; one that another process (a chapter running
+        # beside this one) assembled meanwhile is kept, since that process may be loading it.
+        with atomic_path(target, folder=True, keep_existing=True) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
     return target

@@ -43,9 +43,12 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def atomic_path(target: str | Path, folder: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | Path, folder: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `target` to write a file (or, with `folder`, a folder) into; on success it
-    replaces `target` in one rename, on failure it is removed and `target` is left as it was."""
+    replaces `target` in one rename, on failure it is removed and `target` is left as it was.
+
+    `keep_existing` (folders): when `target` appeared meanwhile, keep it and drop ours. For a cached artefact another
+    process built under the same key: it is the same artefact, and that process may be reading it right now."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if folder:
@@ -58,8 +61,16 @@ def atomic_path(target: str | Path, folder: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if folder and target.exists():
+            if keep_existing:
+                shutil.rmtree(tmp)
+                return
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a folder that appeared since the check above (not empty: no rename onto it)
+            if not (folder and keep_existing and target.exists()):
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
@@ -97,8 +108,8 @@ def cached_artefact(kind: str, key: str, build: Callable[[], T], save: Callable[
     if cache and path.exists():
         return load(path)
     obj = build()
-    if cache and not (folder and path.exists()):  # a folder another process built meanwhile is the same artefact
-        with atomic_path(path, folder=folder) as tmp:
+    if cache:  # a folder another process built meanwhile is the same artefact: kept as it is
+        with atomic_path(path, folder=folder, keep_existing=True) as tmp:
             save(obj, tmp)
     return obj
 
