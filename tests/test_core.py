@@ -25,6 +25,14 @@ def test_atomically_written_files_get_the_usual_mode_not_a_private_one(tmp_path)
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644  # readable by a web server that serves the book
+    from safetensors.torch import save_file
+    mask = os.umask(0o022)
+    try:  # safetensors writes a file of its own at the temporary path
+        with storage.atomic_path(tmp_path / "weights.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "weights.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_folders_replace_an_existing_folder(tmp_path):

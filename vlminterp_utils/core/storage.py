@@ -57,9 +57,10 @@ def atomic_path(target: str | Path, folder: bool = False, keep_existing: bool = 
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.partial-")
         os.close(fd)
         tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); the target gets the usual mode
     try:
         yield tmp
+        if not folder:  # mkstemp made it private (0600), and some writers re-create it so: the usual mode
+            os.chmod(tmp, 0o666 & ~_umask())
         if folder and target.exists():
             if keep_existing:
                 shutil.rmtree(tmp)
