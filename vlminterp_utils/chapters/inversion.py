@@ -335,7 +335,10 @@ def concept_target(color: str, shape: str) -> str:
 def _invert_and_judge(adapter, statistics_of, answers, prompt: str, config: InversionConfig, judge):
     """Invert one batch (feature alignment to the concepts `statistics_of`, the answers naming `answers`) and let
     the independent classifier name each image's colour and shape. Returns the result, targets, colours, shapes."""
-    stats = [concept_stats(adapter, c, s) for c, s in statistics_of] if config.feature > 0 else None
+    stats = None
+    if config.feature > 0:  # once per concept, not per repeat: a lookup hashes the tower's weights, reads the cache
+        unique = {concept: concept_stats(adapter, *concept) for concept in dict.fromkeys(statistics_of)}
+        stats = [unique[concept] for concept in statistics_of]
     targets = [concept_target(c, s) for c, s in answers]
     result = invert(adapter, prompt, targets, stats, config)
     colors, kinds, _ = clf.predict(judge, clf.to_pixels(result.images))

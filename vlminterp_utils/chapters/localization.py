@@ -295,8 +295,7 @@ def noised_object(adapter, item: Item, rng: np.random.Generator) -> Image.Image:
     h, w = pixels.shape[:2]
     for x0, y0, x1, y1 in regions[adapter.object_tokens(item.object.mask, 0)]:
         # the pixels whose centres lie in the box, as `geometry.tokens_touching` counts them
-        xs = slice(*np.clip(np.ceil(np.array([x0, x1]) - 0.5), 0, w).astype(int))
-        ys = slice(*np.clip(np.ceil(np.array([y0, y1]) - 0.5), 0, h).astype(int))
+        xs, ys = slice(*geometry.pixel_edge([x0, x1], w)), slice(*geometry.pixel_edge([y0, y1], h))
         pixels[ys, xs] = rng.integers(0, 256, pixels[ys, xs].shape)
     return Image.fromarray(pixels)
 

@@ -106,6 +106,12 @@ def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch
     return np.concatenate([base, np.array(tiles, float)])
 
 
+def pixel_edge(coord, limit: int):
+    """The first whole pixel at or after a box edge at `coord`, in [0, limit]: pixel j lies inside [x0, x1) when its
+    centre j + 0.5 does, so the pixels of a box run from pixel_edge(x0) to pixel_edge(x1) - 1."""
+    return np.clip(np.ceil(np.asarray(coord) - 0.5), 0, limit).astype(int)
+
+
 def tokens_touching(mask: np.ndarray, regions: np.ndarray, buffer: int = 0) -> np.ndarray:
     """(n_tokens,) bool: tokens whose box, grown by `buffer` box widths on every side, holds a pixel of `mask`.
 
@@ -122,11 +128,8 @@ def tokens_touching(mask: np.ndarray, regions: np.ndarray, buffer: int = 0) -> n
     valid = ~np.isnan(regions).any(1)
     boxes = regions[valid]
     grow = buffer * np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
-    # pixel j is inside [x0, x1) when its centre j + 0.5 is: j from ceil(x0 - 0.5) to ceil(x1 - 0.5) - 1
-    x0 = np.clip(np.ceil(boxes[:, 0] - grow[:, 0] - 0.5), 0, w).astype(int)
-    x1 = np.clip(np.ceil(boxes[:, 2] + grow[:, 0] - 0.5), 0, w).astype(int)
-    y0 = np.clip(np.ceil(boxes[:, 1] - grow[:, 1] - 0.5), 0, h).astype(int)
-    y1 = np.clip(np.ceil(boxes[:, 3] + grow[:, 1] - 0.5), 0, h).astype(int)
+    x0, x1 = pixel_edge(boxes[:, 0] - grow[:, 0], w), pixel_edge(boxes[:, 2] + grow[:, 0], w)
+    y0, y1 = pixel_edge(boxes[:, 1] - grow[:, 1], h), pixel_edge(boxes[:, 3] + grow[:, 1], h)
     counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     out[valid] = counts > 0
     return out
