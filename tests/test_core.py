@@ -129,3 +129,9 @@ def test_a_first_token_says_yes_in_any_casing(smol_tokenizer, said, right):
     adapter = type("A", (), {"tokenizer": smol_tokenizer})()
     token = smol_tokenizer(said, add_special_tokens=False)["input_ids"][0]
     assert readout.same_word(adapter, token, readout.first_answer_token(adapter, "yes")) == right
+
+
+def test_interval_order_claims_a_difference_only_between_separate_intervals():
+    assert stats.interval_order((0.17, 0.54), (0.0, 0.0)) == "higher"
+    assert stats.interval_order((0.0, 0.1), (0.2, 0.5)) == "lower"
+    assert stats.interval_order((0.21, 0.62), (0.17, 0.54)) == "overlapping"  # 42% vs 33%: not told apart

@@ -54,3 +54,11 @@ def mean_interval(values) -> tuple[float, float, float]:
         return mean, float("nan"), float("nan")
     half = Z95 * values.std(ddof=1) / np.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def interval_order(first: tuple[float, float], second: tuple[float, float]) -> str:
+    """How two 95% intervals `(low, high)` lie: "higher" when the first lies wholly above the second, "lower"
+    when wholly below, else "overlapping" (a difference the run cannot tell from chance)."""
+    if first[0] > second[1]:
+        return "higher"
+    return "lower" if first[1] < second[0] else "overlapping"
