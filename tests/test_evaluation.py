@@ -71,5 +71,7 @@ def test_the_tuned_models_card_says_its_llm_was_tuned_by_lora_and_ships_the_upda
     assert "LoRA of rank 8 (alpha 16, learning rate 0.0003) on every linear layer" in card
     assert "(down_proj, q_proj)" in card and '`lora.safetensors`' in card and 'load_vlm("shapes-llava-tuned")' in card
     assert "**frozen**" not in card and "never tuned" not in card
+    assert "workshop.evaluation --model shapes-llava-tuned --n 100" in card  # the command that re-scores this model
     base = evaluation.model_card(first, accuracy, 100, [])
     assert "**frozen**" in base and "LoRA" not in base and "never tuned" in base
+    assert "workshop.evaluation --n 100" in base

@@ -42,8 +42,10 @@ def test_chapter_runs_on_the_family(family, notebook, checkpoints, tmp_path, mon
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the kernel computes on one thread, like its worker
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / notebook.name
-    papermill.execute_notebook(str(notebook), str(out), parameters={"smoke": True,
-                                                                    "model_id": str(checkpoints[family])},
+    parameters = {"smoke": True, "model_id": str(checkpoints[family])}
+    if "compared_with =" in notebook.read_text():  # a page of models side by side: beside the next family's
+        parameters["compared_with"] = [str(checkpoints[FAMILIES[(FAMILIES.index(family) + 1) % len(FAMILIES)]])]
+    papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
                                cwd=str(tmp_path), progress_bar=False, log_output=False,
                                execution_timeout=600)  # a stalled kernel fails the test instead of hanging it
     text = outputs_text(json.loads(out.read_text()))

@@ -4,7 +4,8 @@ Three layers (README, "Architecture"):
 - `core`: loading a VLM and its adapter (`models`), the shapes world (`shapes`), reading the model (`readout`),
   statistics (`stats`), files and caches (`storage`), the offline SmolLM2 weights (`weights`);
 - `chapters`: ch. 1 `interventions` + `localization`, ch. 2 `lenses` + `latentlens`, ch. 3 `inversion` + its judge
-  `classifier`, and `plotting` + `report` + `seminar` (timings, exercise checks) for all of them;
+  `classifier`, models side by side `comparison`, and `plotting` + `report` + `seminar` (timings, exercise
+  checks) for all of them;
 - `workshop`: training and evaluating the embedded model, training the judge, generating the corpus.
 
 The modules a reader uses are importable from the top, `from vlminterp_utils import load_vlm, shapes`; each is
@@ -22,6 +23,7 @@ MODULES = {
     "interventions": "chapters.interventions", "localization": "chapters.localization", "lenses": "chapters.lenses",
     "latentlens": "chapters.latentlens", "inversion": "chapters.inversion", "classifier": "chapters.classifier",
     "plotting": "chapters.plotting", "report": "chapters.report", "seminar": "chapters.seminar",
+    "comparison": "chapters.comparison",
 }
 FUNCTIONS = {"load_vlm": "models", "adapter_for": "models", "VLMAdapter": "models"}
 __all__ = sorted(MODULES) + sorted(FUNCTIONS)

@@ -162,6 +162,31 @@ def above_chance_panels(above, kinds=("object", "background"), title: str | None
     return fig
 
 
+def model_lens_panels(above, kind: str = "object", size: tuple[float, float] = (3.2, 2.6)):
+    """Models side by side, a column per lens, on `kind` patches: top, each model's share (solid) and its strongest
+    chance control (dashed, same colour); bottom, the share above chance with its 95% band."""
+    lens_names, model_names = list(dict.fromkeys(above.lens)), list(dict.fromkeys(above.model))
+    fig, axes = plt.subplots(2, len(lens_names), figsize=(size[0] * len(lens_names), size[1] * 2), sharex=True,
+                             sharey="row", squeeze=False)
+    for j, lens in enumerate(lens_names):
+        for m, model in enumerate(model_names):
+            part = above[(above.lens == lens) & (above.model == model) & (above.kind == kind)].sort_values("layer")
+            axes[0, j].plot(part.layer, part.share, color=f"C{m}", label=model)
+            axes[0, j].plot(part.layer, part.chance, color=f"C{m}", ls="--", lw=1, label=f"{model}: chance")
+            axes[1, j].plot(part.layer, part.above, color=f"C{m}", label=model)
+            axes[1, j].fill_between(part.layer, part.ci_low, part.ci_high, color=f"C{m}", alpha=0.15)
+        axes[0, j].set_title(f"{lens}\n{kind} patches", fontsize=9)
+        axes[1, j].axhline(0, color="black", lw=0.8)
+        axes[1, j].set_xlabel("layer")
+    axes[0, 0].set_ylabel("share read right")
+    axes[1, 0].set_ylabel("above chance")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None,
                  legend: bool = True, twin_suffix: str = "_outside"):
     """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns.

@@ -107,6 +107,7 @@ def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records:
     vc = meta["vision_config"]
     row = lambda q, bar: f"| {q} | {accuracy[q]:.1%} | {bar} |"  # noqa: E731
     intro = TUNED_INTRO if lora else BASE_INTRO
+    model_option = "" if name == "shapes-llava" else f" --model {name}"
     llm = (f"de-quantised to fp32, then **tuned by LoRA** (rank {lora['rank']}) in the last training run below; the "
            "updates ship in `lora.safetensors` and are merged into the weights on load (no peft needed)"
            if lora else "de-quantised to fp32 and **frozen**")
@@ -151,7 +152,7 @@ Wall time: {hours:.2f} h in all on 2 CPU cores (shared with other work). Mean tr
 ## Held-out scores
 Greedy decoding, exact match after lower-casing, {n_per_type} held-out questions per type (seeds from 10000, never
 seen in training; captions on 1-2 object scenes, the rest on 1-3). Reproduce with
-`python -m vlminterp_utils.workshop.evaluation --n {n_per_type}`.
+`python -m vlminterp_utils.workshop.evaluation{model_option} --n {n_per_type}`.
 
 | question type | accuracy | bar |
 | --- | --- | --- |
