@@ -138,3 +138,15 @@ def check_best_recipe(answer, summary) -> bool | None:
     """Which row of the ablation grid produced the most recognisable images in this run?"""
     leaders = list(summary.index[summary.recognised == summary.recognised.max()])
     return verdict(answer, leaders, hint="Sort the summary by `recognised`; a tie accepts every leader.")
+
+
+def check_most_moved_module(answer, sizes) -> bool | None:
+    """Chapter 4: the linear module (e.g. "k_proj") whose LoRA updates are largest relative to its weights, on
+    average over layers."""
+    truth = sizes.groupby("module").relative_update.mean().idxmax() if len(sizes) else None
+    return verdict(answer, truth, hint="average `relative_update` per module: sizes.groupby('module')")
+
+
+def check_layers_clearly_higher(answer, numbers: dict) -> bool | None:
+    """Chapter 4: the number of layers where the tuned model's logit-lens interval lies wholly above the base's."""
+    return verdict(answer, numbers["logit_clear_layers"], hint="numbers['logit_clear_layers'] holds it")
