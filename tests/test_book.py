@@ -34,6 +34,19 @@ def test_a_colab_install_cell_then_a_parameters_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    """`papermill --help-notebook` lists a chapter's parameters from this cell; a line it cannot parse (a comment
+    holding a second '=') is skipped with only a warning."""
+    import ast
+    import papermill
+    nb = json.loads(path.read_text())
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = {t.id for node in ast.parse("".join(params["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets}
+    assert set(papermill.inspect_notebook(str(path))) == assigned
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_prose_types_no_measured_number(path):
     for text in cells(path, "markdown"):
         typed = [m.group(0) for m in TYPED_NUMBER.finditer(GLUE_ROLE.sub("", text))]
