@@ -4,6 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# e.g. PYTEST_ARGS="--record-durations tests/durations.json" refreshes the durations that order the run
+PYTEST_ARGS ?=
 
 .PHONY: test book setup clean
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) scripts/build_book.py --smoke
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS) tests
 
 book: $(STAMP)
 	$(PY) scripts/build_book.py

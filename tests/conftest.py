@@ -1,14 +1,48 @@
-"""Shared fixtures: a tiny random Llava (built here, no hub) and the embedded shapes-llava."""
+"""Shared fixtures: a tiny random Llava (built here, no hub) and the embedded shapes-llava; the order of the run."""
+import json
 import os
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
+from schedule import balanced_order
 from tiny_models import build_tiny_llava
 from vlminterp_utils import models
+from vlminterp_utils.core.storage import write_text
+
+DURATIONS = Path(__file__).with_name("durations.json")
 
 # Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one thread.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", metavar="PATH",
+                     help="write every test's seconds (setup + call + teardown) to PATH as JSON; "
+                          "tests/durations.json orders the tests of later runs under pytest-xdist")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the long tests first and balanced between the workers (`schedule.py`)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and DURATIONS.exists():
+        seconds = json.loads(DURATIONS.read_text())
+        items[:] = [items[i] for i in balanced_order([item.nodeid for item in items], seconds, workers)]
+
+
+_seconds = defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    _seconds[report.nodeid] += report.duration  # on the controller too: workers send their reports there
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--record-durations")
+    if path and not hasattr(session.config, "workerinput") and _seconds:  # once, by the controller
+        write_text(path, json.dumps({k: round(v, 1) for k, v in sorted(_seconds.items())}, indent=0) + "\n")
 
 
 @pytest.fixture(scope="session")
