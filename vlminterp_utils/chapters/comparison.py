@@ -134,8 +134,9 @@ def paired_difference(above: pd.DataFrame, lens: str, first: str, second: str, k
         return {"mean_difference": float("nan"), "layers_clearly_higher": 0, "layers": 0,
                 "best_difference_layer": -1, "best_difference": float("nan")}
     diff = part["above"][second] - part["above"][first]
-    clear = part["ci_low"][second] > part["ci_high"][first]
-    return {"mean_difference": float(diff.mean()), "layers_clearly_higher": int(clear.sum()),
+    interval = {m: list(zip(part["ci_low"][m], part["ci_high"][m])) for m in (first, second)}
+    clear = [stats.interval_order(b, a) == "higher" for a, b in zip(interval[first], interval[second])]
+    return {"mean_difference": float(diff.mean()), "layers_clearly_higher": sum(clear),
             "layers": len(part), "best_difference_layer": int(diff.idxmax()),
             "best_difference": float(diff.max())}
 
