@@ -125,7 +125,8 @@ def test_object_to_last_knockout_hurts_far_more_than_non_object_to_last(shapes_l
     """Blocking the answer position from the object's tokens in all layers vs from every other visual token."""
     _, _, adapter = shapes_llava
     items = L.make_items("vqa", 32, 1, adapter.image_size)
-    df = L.knockout_curve(adapter, items, windows=[list(range(adapter.n_layers))]).set_index("knockout")
+    df = L.knockout_curve(adapter, items, windows=[list(range(adapter.n_layers))],
+                          knockouts=("object → last", "non-object → last")).set_index("knockout")
     obj, non = df.loc["object → last"], df.loc["non-object → last"]
     # "Far more": the intervals do not overlap and the mean drop is at least twice as large, although the
     # non-object set has several times more tokens.

@@ -51,6 +51,16 @@ def test_two_knockout_shards_equal_one_run(tiny):
     assert parts.sort_values(key).reset_index(drop=True).equals(whole.sort_values(key).reset_index(drop=True))
 
 
+def test_chosen_knockouts_give_their_rows_of_the_full_run(tiny):
+    _, _, adapter = tiny
+    items = L.make_items("vqa", 3, 0, adapter.image_size)
+    whole = L.knockout_records(adapter, items, window=2)
+    chosen = L.knockout_records(adapter, items, window=2, knockouts=("non-object → last",))
+    assert chosen.reset_index(drop=True).equals(whole[whole.knockout == "non-object → last"].reset_index(drop=True))
+    with pytest.raises(ValueError, match="unknown knockout 'object -> last'; choose among object → last"):
+        L.knockout_records(adapter, items, window=2, knockouts=("object -> last",))
+
+
 def test_two_index_shards_merge_into_the_index_one_run_builds(tiny):
     _, _, adapter = tiny
     sentences = LL.load_corpus(limit=60)

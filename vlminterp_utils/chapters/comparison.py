@@ -50,9 +50,9 @@ def headlines(adapter, n_items: int, seed: int = 0, batch_size: int = 16, **styl
     rows = [{"measure": f"ablation: {r.method}", "value": r.flip_rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
              "n": r.initially_correct} for r in flips.itertuples()]
     items = L.make_items("vqa", n_items, seed + 1, adapter.image_size, **style)
-    curve = L.knockout_curve(adapter, items, windows={"all": list(range(adapter.n_layers))})
+    curve = L.knockout_curve(adapter, items, windows={"all": list(range(adapter.n_layers))}, knockouts=KNOCKOUTS)
     rows += [{"measure": f"knockout: {r.knockout}", "value": r.drop, "ci_low": r.ci_low, "ci_high": r.ci_high,
-              "n": r.n} for r in curve.itertuples() if r.knockout in KNOCKOUTS]
+              "n": r.n} for r in curve.itertuples()]
     return pd.DataFrame(rows)
 
 

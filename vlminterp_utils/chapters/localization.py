@@ -391,10 +391,11 @@ def named_windows(windows) -> dict[str, list[int]]:
 
 def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
                      windows: list[list[int]] | dict[str, list[int]] | None = None,
-                     shard: str | None = None) -> pd.DataFrame:
+                     shard: str | None = None, knockouts: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Per knockout, layer window and item: the relative drop of the answer's probability, and whether the model
     answered the item right without intervention. `windows` is a list of layer lists or a dict of named ones
-    (default: sliding windows of `window` layers). `shard="i/n"` computes every n-th batch (`core.shards`)."""
+    (default: sliding windows of `window` layers). `shard="i/n"` computes every n-th batch (`core.shards`);
+    `knockouts` names the ones to run (default: all of `knockout_blocks`)."""
     windows = named_windows(windows or I.layer_windows(adapter.n_layers, window))
     records = []
     for b in shards.units(-(-len(items) // batch_size), shard):
@@ -403,13 +404,22 @@ def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: in
         clean = I.CleanRun(adapter, batch)
         answers, correct = models_own_answer(adapter, clean.logits, chunk)
         base = answer_probability(clean.logits, answers)
-        for name, block in knockout_blocks(adapter, chunk, batch).items():
+        for name, block in chosen_knockouts(knockout_blocks(adapter, chunk, batch), knockouts).items():
             for label, w in tqdm(windows.items(), desc=f"knockout {name}", leave=False):
                 drop = (base - answer_probability(clean.answer_logits(block, w), answers)) / base
                 records += [{"knockout": name, "window": label, "first_layer": w[0], "item": b * batch_size + j,
                              "drop": float(d), "correct": bool(c)} for j, (d, c) in enumerate(zip(drop, correct))]
         del clean  # its keys, values and layer outputs are the largest thing this loop holds
     return pd.DataFrame(records, columns=["knockout", "window", "first_layer", "item", "drop", "correct"])
+
+
+def chosen_knockouts(blocks: dict, names: tuple[str, ...] | None) -> dict:
+    if names is None:
+        return blocks
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise ValueError(f"unknown knockout {unknown[0]!r}; choose among {', '.join(blocks)}")
+    return {n: blocks[n] for n in names}
 
 
 def knockout_summary(records: pd.DataFrame) -> pd.DataFrame:
@@ -424,15 +434,17 @@ def knockout_summary(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
-                   windows: list[list[int]] | dict[str, list[int]] | None = None) -> pd.DataFrame:
+                   windows: list[list[int]] | dict[str, list[int]] | None = None,
+                   knockouts: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
 
     Only items the model answers correctly without intervention count, as in Neo et al. `windows` overrides the
     sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once). Each knockout
     re-runs only the positions and layers it changes (`interventions.CleanRun`). Named windows (a dict, e.g.
     `interventions.depth_presets(n_layers)`, the official presets) keep their names in the `window` column.
+    `knockouts` names the ones to run (default: all).
     """
-    records = knockout_records(adapter, items, window, batch_size, windows)
+    records = knockout_records(adapter, items, window, batch_size, windows, knockouts=knockouts)
     if not records.correct.any():
         warnings.warn(unanswered_note("knockout", len(items)), stacklevel=2)
     return knockout_summary(records)
