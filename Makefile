@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # e.g. PYTEST_ARGS="--record-durations tests/durations.json" refreshes the durations that order the run
 PYTEST_ARGS ?=
+# e.g. TORCH_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" where pip's default torch is a CUDA build
+TORCH_PIP_ARGS ?=
 
 .PHONY: test book setup clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m vlminterp_utils.core.weights
 	touch $(STAMP)
