@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from schedule import balanced_order
+from schedule import LONG_S, balanced_order
 from tiny_models import build_tiny_llava
 from vlminterp_utils import models
 from vlminterp_utils.core.storage import write_text
@@ -25,11 +25,16 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, the long tests first and balanced between the workers (`schedule.py`)."""
+    """Under pytest-xdist, the long tests first and balanced between the workers (`schedule.py`). A test marked
+    `phenomenon` or `slow` that `tests/durations.json` does not know yet counts as long."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and DURATIONS.exists():
-        seconds = json.loads(DURATIONS.read_text())
-        items[:] = [items[i] for i in balanced_order([item.nodeid for item in items], seconds, workers)]
+    if workers < 2:
+        return
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    for item in items:
+        if item.nodeid not in seconds and (item.get_closest_marker("phenomenon") or item.get_closest_marker("slow")):
+            seconds[item.nodeid] = LONG_S
+    items[:] = [items[i] for i in balanced_order([item.nodeid for item in items], seconds, workers)]
 
 
 _seconds = defaultdict(float)
@@ -88,8 +93,3 @@ class GridAdapter(models.VLMAdapter):
 @pytest.fixture
 def grid_adapter():
     return GridAdapter(None, None)
-
-
-def pytest_collection_modifyitems(items):
-    """Long tests first: under pytest-xdist a long test collected last would leave one worker running it alone."""
-    items.sort(key=lambda item: not (item.get_closest_marker("phenomenon") or item.get_closest_marker("slow")))
