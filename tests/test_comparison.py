@@ -64,11 +64,12 @@ def test_page_numbers_name_both_models_and_leave_a_missing_second_model_empty():
     numbers = comparison.page_numbers(above, heads, ["a", "b"])
     assert numbers["a_logit_above"] == pytest.approx(0.05) and numbers["b_logit_above"] == pytest.approx(0.3)
     assert numbers["b_logit_best_layer"] == 0 and numbers["logit_clear_layers"] == 2
-    assert numbers["logit_verdict"] == "clearly better on most layers"
+    assert numbers["logit_verdict"] == "clearly better on most layers" and numbers["logit_outcome"] == "made"
     assert numbers["a_abl_object_low"] == 0.6 and np.isnan(numbers["a_ko_object"])
     assert np.isnan(numbers["a_latent_above"])  # a lens not in the table
     alone = comparison.page_numbers(above[above.model == "a"], heads[heads.model == "a"], ["a"])
     assert np.isnan(alone["b_logit_above"]) and alone["logit_verdict"] == "not clearly better on any layer"
+    assert alone["logit_outcome"] == "did not make"
 
 
 @pytest.fixture(scope="module")

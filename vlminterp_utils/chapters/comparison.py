@@ -141,6 +141,11 @@ def paired_difference(above: pd.DataFrame, lens: str, first: str, second: str, k
             "best_difference": float(diff.max())}
 
 
+# What tuning did, by a lens's verdict: "Tuning the LLM {outcome} the lens a reader of the visual tokens".
+OUTCOMES = {"clearly better on most layers": "made", "clearly better on a few layers only": "made, on a few layers only,",
+            "not clearly better on any layer": "did not make"}
+
+
 def verdict(clear_layers: int, layers: int) -> str:
     """A sentence part for a count of layers where one model's interval lies clearly above the other's."""
     if layers and clear_layers * 2 >= layers:
@@ -151,7 +156,8 @@ def verdict(clear_layers: int, layers: int) -> str:
 def page_numbers(above: pd.DataFrame, heads: pd.DataFrame, model_ids, kind: str = "object") -> dict:
     """The numbers a comparison page quotes, flat, keyed `<slot>_<lens>_<field>` and `<slot>_<headline>[_low|_high]`
     with slot `a` for the first model and `b` for the second (NaN without one), and per lens the paired
-    difference of the second over the first (`<lens>_difference`, `<lens>_clear_layers`, `<lens>_verdict`)."""
+    difference of the second over the first (`<lens>_difference`, `<lens>_clear_layers`, `<lens>_verdict`, and
+    `<lens>_outcome`, its phrase in a sentence about what tuning did)."""
     table = side_by_side(above, kind).set_index(["model", "lens"])
     values = {}
     for slot, model in zip("ab", [*model_ids, None][:2]):
@@ -171,6 +177,7 @@ def page_numbers(above: pd.DataFrame, heads: pd.DataFrame, model_ids, kind: str 
         values[f"{key}_difference"] = paired["mean_difference"]
         values[f"{key}_clear_layers"] = paired["layers_clearly_higher"]
         values[f"{key}_verdict"] = verdict(paired["layers_clearly_higher"], paired["layers"])
+        values[f"{key}_outcome"] = OUTCOMES[values[f"{key}_verdict"]]
     values["n_layers"] = int(above.layer.nunique())
     values["headlines_differ"] = headlines_differ(heads, model_ids)
     return values
