@@ -8,13 +8,11 @@ tuned by LoRA, how far the updates moved the LLM's weights.
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..core import models, shapes, stats
@@ -79,15 +77,9 @@ def compare_models(model_ids, n_images: int = 32, n_items: int = 24, corpus: str
 def lora_update_sizes(model, lora_file: Path) -> pd.DataFrame:
     """How far LoRA moved each tuned weight of `model` (the model *before* merging): the Frobenius norm of the
     update `alpha / rank * B @ A` over that of the weight, per LLM layer and linear module."""
-    tensors = load_file(str(lora_file))
-    scale = models.lora_scale(json.loads(Path(lora_file).with_suffix(".json").read_text()))
     rows = []
-    for key, down in tensors.items():
-        if not key.endswith(".lora_A"):
-            continue
-        name = key.removesuffix(".lora_A")
+    for name, update in models.lora_updates(lora_file):
         weight = model.get_submodule(name).weight.float()
-        update = scale * (tensors[name + ".lora_B"].float() @ down.float())
         layer = next((int(part) for part in name.split(".") if part.isdigit()), -1)
         rows.append({"layer": layer, "module": name.rsplit(".", 1)[-1],
                      "relative_update": float(update.norm() / weight.norm())})
@@ -142,7 +134,8 @@ def paired_difference(above: pd.DataFrame, lens: str, first: str, second: str, k
 
 
 # What tuning did, by a lens's verdict: "Tuning the LLM {outcome} the lens a reader of the visual tokens".
-OUTCOMES = {"clearly better on most layers": "made", "clearly better on a few layers only": "made, on a few layers only,",
+OUTCOMES = {"clearly better on most layers": "made",
+            "clearly better on a few layers only": "made, on a few layers only,",
             "not clearly better on any layer": "did not make"}
 
 

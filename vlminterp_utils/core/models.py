@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -493,24 +494,30 @@ def lora_scale(meta: dict) -> float:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, path: Path) -> None:
-    """Add each LoRA update, `alpha / rank * B @ A`, to the weight of the linear layer it was trained on.
+def lora_updates(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each update of a LoRA file: the path of the linear layer it was trained on, and `alpha / rank * B @ A` (fp32).
 
     The file holds `<module path>.lora_A` (rank x in) and `<module path>.lora_B` (out x rank), its JSON side file
-    `rank` and `alpha` (as `workshop.train` writes them); the merged model is a plain HF model, with no LoRA layer
-    left and no dependency on peft."""
+    `rank` and `alpha` (as `workshop.train` writes them)."""
     from safetensors.torch import load_file
     tensors = load_file(str(path))
     scale = lora_scale(json.loads(Path(path).with_suffix(".json").read_text()))
     for key, down in tensors.items():
-        if not key.endswith(".lora_A"):
-            continue
-        name = key.removesuffix(".lora_A")
+        if key.endswith(".lora_A"):
+            name = key.removesuffix(".lora_A")
+            yield name, scale * (tensors[name + ".lora_B"].float() @ down.float())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, path: Path) -> None:
+    """Add each LoRA update (`lora_updates`) to the weight of the linear layer it was trained on; the merged model
+    is a plain HF model, with no LoRA layer left and no dependency on peft."""
+    for name, update in lora_updates(path):
         try:
             layer = model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(f"{path} does not fit this model: it has no layer {name!r}") from err
-        layer.weight += scale * (tensors[name + ".lora_B"] @ down).to(layer.weight)
+        layer.weight += update.to(layer.weight)
 
 
 def smollm2_tokenizer():
