@@ -5,8 +5,9 @@ steals the tail of the busiest one's queue. Collected in file order, the MIMIC s
 test could sit in one worker's share or start last, and one core idled for minutes at the end. Here each worker's
 share starts with its long tests (longest first, assigned greedily to the least loaded share) and ends with short
 ones, which are what stealing moves. Durations come from `tests/durations.json`, a measured run
-(`pytest --record-durations tests/durations.json`); a test it does not know counts as short. Only the order
-changes: every test still runs exactly once.
+(`pytest --record-durations tests/durations.json`); a test it does not know counts as short, unless it is
+marked `phenomenon` or `slow` (conftest counts those as long). Only the order changes: every test still runs
+exactly once.
 """
 from __future__ import annotations
 

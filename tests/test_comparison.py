@@ -77,7 +77,7 @@ def two_models_read():
     """What the phenomenon test asserts on, and no more: the logit lens on both embedded models, and LatentLens (its
     positive control) on the tuned one, against chance: 16 fixed scenes (seed 0), top-5, an index of the neutral
     corpus's first 1500 sentences (as the LatentLens phenomenon test). Reading all three lenses on both models, as
-    chapter 4 does, cost twice as long: 481 s against about 245 on one core, a second index included."""
+    chapter 4 does, took 481 s from an empty cache, a second index included; this takes 235."""
     from vlminterp_utils.chapters import latentlens as LL
     from vlminterp_utils.chapters import lenses
     from vlminterp_utils.core import shapes
