@@ -223,9 +223,9 @@ def test_layer_windows_and_presets():
         I.layer_windows(5, 0)
 
 
-def test_flip_rate_and_bootstrap():
+def test_flip_rate_and_its_exact_interval():
     before = [True] * 10 + [False] * 5
     after = [False] * 4 + [True] * 6 + [False] * 5
     assert stats.flip_rate(before, after) == 0.4
-    mean, lo, hi = stats.bootstrap_ci(before, after, seed=1)
-    assert mean == 0.4 and lo < 0.4 < hi and 0 <= lo and hi <= 1
+    mean, lo, hi = stats.flip_ci(before, after)
+    assert mean == 0.4 and (lo, hi) == pytest.approx((0.1216, 0.7376), abs=1e-4)  # Clopper-Pearson, 4 of 10

@@ -1,15 +1,27 @@
-"""The statistics every chapter reports with: flip rates with bootstrap intervals, and normal intervals.
+"""The statistics every chapter reports with, in one place.
 
-A measured number in this book is reported with a 95% interval, so that a reader can tell an effect from the
-noise of a few dozen questions.
+A measured number in this book is a comparison, made on one common set of items:
+  - a proportion (a flip rate, a share of recognised images) gets an exact Clopper-Pearson interval, never the
+    zero-width interval a bootstrap gives for 0 of 24; where its units are correlated (patches of one image,
+    inversions of one concept) the interval is widened by the design effect of those clusters (Korn & Graubard);
+  - two conditions measured on the same items are compared *paired*: the exact McNemar test for two yes/no
+    outcomes per item, and a bootstrap that resamples the shared units (items, or clusters of them) for a
+    difference of means or shares;
+  - "no effect" is claimed only by an equivalence test against a stated margin (two one-sided tests); without it
+    the verdict is "cannot tell".
+
+scipy supplies the exact binomial machinery; nothing here re-derives a distribution.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+from scipy import stats as sps
 
-Z95 = 1.96
+LEVEL = 0.95
+HIGHER, LOWER, EQUIVALENT, CANNOT_TELL = "higher", "lower", "equivalent", "cannot tell"
+VERDICTS = (HIGHER, LOWER, EQUIVALENT, CANNOT_TELL)
 
 
 def flip_rate(correct_before: Sequence[bool], correct_after: Sequence[bool]) -> float:
@@ -20,45 +32,183 @@ def flip_rate(correct_before: Sequence[bool], correct_after: Sequence[bool]) -> 
     return float((~after[before]).mean())
 
 
-def bootstrap_ci(correct_before, correct_after, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """Flip rate with a percentile bootstrap confidence interval over the initially-correct examples."""
-    before, after = np.asarray(correct_before, bool), np.asarray(correct_after, bool)
-    return bootstrap_mean(~after[before], n_boot, seed, level)
+# ---------------------------------------------------------------------------------------------- proportions
+
+def proportion_ci(successes, n, level: float = LEVEL, method: str = "exact") -> tuple:
+    """Interval of a proportion `successes / n`: "exact" (Clopper-Pearson) or "wilson"; NaNs where n is 0.
+
+    Works on scalars and on arrays (element-wise), and on non-integer counts (an effective sample size).
+    0 of 24 gives [0, 0.142], not [0, 0]."""
+    k, n = (np.asarray(x, float) for x in (successes, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "exact":
+            a = 1 - level
+            low = np.where(k > 0, sps.beta.ppf(a / 2, k, n - k + 1), 0.0)
+            high = np.where(k < n, sps.beta.ppf(1 - a / 2, k + 1, n - k), 1.0)
+        elif method == "wilson":
+            z, p = sps.norm.ppf((1 + level) / 2), k / n
+            centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
+            half = z / (1 + z ** 2 / n) * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2))
+            low, high = centre - half, centre + half
+        else:
+            raise ValueError(f"unknown interval method {method!r}; choose 'exact' or 'wilson'")
+    low, high = np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan)
+    return (float(low), float(high)) if low.ndim == 0 else (low, high)
 
 
-def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of `values` (bools or floats) with a percentile bootstrap interval; NaNs when there are none."""
-    values = np.asarray(values, float)
-    if len(values) == 0:
+def share_ci(values, level: float = LEVEL) -> tuple[float, float, float]:
+    """The share of true values with its exact interval: (share, low, high); NaNs when there are none."""
+    values = np.asarray(values, bool)
+    if values.size == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(lo), float(hi)
+    low, high = proportion_ci(int(values.sum()), values.size, level)
+    return float(values.mean()), low, high
 
 
-def proportion_interval(share, n) -> tuple:
-    """Normal-approximation 95% interval of a proportion, clipped to [0, 1] (works on arrays and Series)."""
-    half = Z95 * np.sqrt(share * (1 - share) / n)
-    return np.clip(share - half, 0, 1), np.clip(share + half, 0, 1)
+def flip_ci(correct_before, correct_after, level: float = LEVEL) -> tuple[float, float, float]:
+    """Flip rate among the initially-correct answers, with its exact interval."""
+    before, after = np.asarray(correct_before, bool), np.asarray(correct_after, bool)
+    return share_ci(~after[before], level)
 
+
+def design_effect(values, clusters) -> float:
+    """Kish's design effect of a share measured on clustered units: the variance of the share with clusters
+    resampled whole, over its variance were the units independent; at least 1 (1 where it cannot be estimated:
+    one cluster, or a share of 0 or 1)."""
+    values = np.asarray(values, float)
+    codes = np.unique(np.asarray(clusters), return_inverse=True)[1]
+    p, n, g = values.mean(), values.size, codes.max(initial=-1) + 1
+    if g < 2 or p in (0.0, 1.0):
+        return 1.0
+    sums, sizes = np.bincount(codes, values), np.bincount(codes)  # (clusters,) hits and units per cluster
+    # ratio-estimator variance of the share under cluster sampling, with the usual g / (g - 1) correction
+    clustered = g / (g - 1) * np.sum((sums - p * sizes) ** 2) / n ** 2
+    return float(max(1.0, clustered / (p * (1 - p) / n)))
+
+
+def clustered_share_ci(values, clusters, level: float = LEVEL) -> tuple[float, float, float]:
+    """Share with an exact interval widened for clustered units (Korn & Graubard 1998): Clopper-Pearson on the
+    effective sample size n / design effect. Patches of one image, or inversions of one concept, are clusters."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    n_eff = values.size / design_effect(values, clusters)
+    p = float(values.mean())
+    low, high = proportion_ci(p * n_eff, n_eff, level)
+    return p, low, high
+
+
+# ---------------------------------------------------------------------------------------------- paired comparisons
+
+def mcnemar_exact(first, second) -> dict:
+    """Exact McNemar test of two yes/no outcomes on the same items: `only_first` and `only_second` count the
+    discordant items, `p_value` is the two-sided binomial test of them against an even split."""
+    first, second = np.asarray(first, bool), np.asarray(second, bool)
+    if first.shape != second.shape:
+        raise ValueError(f"paired outcomes need one common item set: got {first.shape} and {second.shape}")
+    b, c = int((first & ~second).sum()), int((~first & second).sum())
+    p = 1.0 if b + c == 0 else float(sps.binomtest(b, b + c).pvalue)
+    return {"only_first": b, "only_second": c, "n": first.size, "p_value": p}
+
+
+def paired_bootstrap(first, second, clusters=None, n_boot: int = 2000, seed: int = 0,
+                     level: float = LEVEL) -> np.ndarray:
+    """Bootstrap replicates of mean(first) - mean(second), resampling whole clusters of paired units (each unit
+    its own cluster by default). `first[i]` and `second[i]` were measured on the same unit i."""
+    first, second = np.asarray(first, float), np.asarray(second, float)
+    if first.shape != second.shape:
+        raise ValueError(f"paired values need one common item set: got {first.shape} and {second.shape}")
+    clusters = np.arange(first.size) if clusters is None else np.asarray(clusters)
+    labels, codes = np.unique(clusters, return_inverse=True)
+    diff_sum = np.bincount(codes, first - second, len(labels))  # (clusters,) summed paired differences
+    size = np.bincount(codes, minlength=len(labels)).astype(float)
+    pick = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
+    return diff_sum[pick].sum(1) / size[pick].sum(1)  # (n_boot,) a resampled mean difference each
+
+
+def paired_difference(first, second, clusters=None, margin: float | None = None, n_boot: int = 2000,
+                      seed: int = 0, level: float = LEVEL) -> dict:
+    """mean(first) - mean(second) on one common set of units, with its paired (cluster) bootstrap interval, and
+    the verdict (`compare`). Binary outcomes without clusters are tested with exact McNemar instead of the
+    bootstrap's interval, and "equivalent" needs the exact bound on their discordance (see `compare_binary`)."""
+    first, second = np.asarray(first), np.asarray(second)
+    if first.size == 0:
+        return {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0,
+                "p_value": float("nan"), "verdict": CANNOT_TELL}
+    boot = paired_bootstrap(first, second, clusters, n_boot, seed, level)
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    out = {"difference": float(first.astype(float).mean() - second.astype(float).mean()),
+           "ci_low": float(low), "ci_high": float(high), "n": int(first.size), "p_value": float("nan")}
+    if clusters is None and first.dtype == bool and second.dtype == bool:
+        return {**out, **compare_binary(first, second, margin, level)}
+    # two one-sided tests at (1 - level) / 2 each: the (2 * level - 1) interval inside the margin
+    tost = np.quantile(boot, [1 - level, level])
+    verdict = compare(low, high, margin, tuple(tost))
+    if verdict == EQUIVALENT and _is_binary(first) and _is_binary(second):
+        # A bootstrap of yes/no pairs that never disagree has zero width; |difference| is bounded only by the
+        # share of discordant pairs, so that share's exact (clustered) upper bound must lie inside the margin too.
+        units = np.arange(first.size) if clusters is None else clusters
+        if clustered_share_ci(first != second, units, level)[2] >= margin:
+            verdict = CANNOT_TELL
+    return {**out, "verdict": verdict}
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    return bool(np.isin(values, (0, 1)).all())
+
+
+def compare(ci_low: float, ci_high: float, margin: float | None = None,
+            tost_interval: tuple[float, float] | None = None) -> str:
+    """The verdict on a paired difference from its interval: "higher" or "lower" when the interval excludes 0;
+    "equivalent" when the TOST interval (the 90% interval for a 95% claim; the 95% one if none is given) lies
+    within (-margin, margin); otherwise "cannot tell". Without a margin nothing is called equivalent."""
+    if np.isnan(ci_low) or np.isnan(ci_high):
+        return CANNOT_TELL
+    if ci_low > 0:
+        return HIGHER
+    if ci_high < 0:
+        return LOWER
+    low, high = tost_interval or (ci_low, ci_high)
+    if margin is not None and -margin < low and high < margin:
+        return EQUIVALENT
+    return CANNOT_TELL
+
+
+def compare_binary(first, second, margin: float | None = None, level: float = LEVEL) -> dict:
+    """The verdict on two yes/no outcomes per item: exact McNemar for a difference; "equivalent" only when the
+    exact one-sided upper bound on the share of discordant items (which bounds |difference| from above) is below
+    `margin`. 0 discordant items of 24 bound it at 12%, so 24 items never show equivalence within 5 points."""
+    test = mcnemar_exact(first, second)
+    discordant = test["only_first"] + test["only_second"]
+    if test["p_value"] < 1 - level:
+        verdict = HIGHER if test["only_first"] > test["only_second"] else LOWER
+    else:
+        bound = sps.binomtest(discordant, test["n"], alternative="less").proportion_ci(level).high
+        verdict = EQUIVALENT if margin is not None and bound < margin else CANNOT_TELL
+    return {"p_value": test["p_value"], "only_first": test["only_first"], "only_second": test["only_second"],
+            "verdict": verdict}
+
+
+# ---------------------------------------------------------------------------------------------- means
 
 def mean_interval(values) -> tuple[float, float, float]:
-    """Mean with a normal-approximation 95% interval (NaN bounds below two values)."""
+    """Mean with a t 95% interval (NaN bounds below two values)."""
     values = np.asarray(values, float)
     if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
     mean = float(values.mean())
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = Z95 * values.std(ddof=1) / np.sqrt(len(values))
+    half = sps.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
-def interval_order(first: tuple[float, float], second: tuple[float, float]) -> str:
-    """How two 95% intervals `(low, high)` lie: "higher" when the first lies wholly above the second, "lower"
-    when wholly below, else "overlapping" (a difference the run cannot tell from chance)."""
-    if first[0] > second[1]:
-        return "higher"
-    return "lower" if first[1] < second[0] else "overlapping"
+def cluster_bootstrap_mean(values, clusters, n_boot: int = 2000, seed: int = 0,
+                           level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean with a percentile interval that resamples whole clusters (images, concepts)."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    boot = paired_bootstrap(values, np.zeros_like(values), clusters, n_boot, seed, level)
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
