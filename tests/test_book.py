@@ -85,3 +85,32 @@ def test_the_book_build_removes_papermills_injected_parameters_from_the_page():
     build_book.hide_injected_parameters(nb)
     assert nb["cells"][0]["metadata"]["tags"] == ["injected-parameters", "remove-cell"]
     assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]  # the reader's knobs stay on the page
+
+
+HTML = ROOT / "_build" / "html" / "notebooks"
+# a printed interval of percentages, "[3%, 41%]" or "[-2%, +5%]" (lists of plain numbers are not intervals)
+INTERVAL = re.compile(r"\[\s*([+\-−]?\d[\d.,]*)%\s*,\s*([+\-−]?\d[\d.,]*)%\s*\]")
+
+
+def zero_width_intervals(text: str) -> list[str]:
+    """Every printed interval `[low%, high%]` whose two ends are the same number (-0% and +0% are)."""
+    def number(s):
+        return float(s.lstrip("+-−").replace(",", "")) * (-1 if s[0] in "-−" else 1)
+    return [m.group(0) for m in INTERVAL.finditer(text) if number(m.group(1)) == number(m.group(2))]
+
+
+def test_the_zero_width_rule_can_fail():
+    assert zero_width_intervals("flips 0% [0%, 0%] and 3% [-0%, +0%]") == ["[0%, 0%]", "[-0%, +0%]"]
+    assert zero_width_intervals("[12%, 12%]") == ["[12%, 12%]"]
+    assert not zero_width_intervals("flips 0% [0%, 14%]; layers [1, 1]; a list [0.1, 0.1]")
+
+
+@pytest.mark.parametrize("name", [p.stem for p in NOTEBOOKS] + ["reproduction"])
+def test_no_built_page_shows_a_zero_width_interval(name):
+    """An interval whose ends print alike hides its uncertainty (a bootstrap of 24 zeros prints [0%, 0%]; the exact
+    interval of 0 of 24 is [0%, 14%]). Checked on the built pages, as a reader sees them."""
+    page = HTML / f"{name}.html" if name != "reproduction" else HTML.parent / "book" / "reproduction.html"
+    if not page.exists():
+        pytest.skip(f"{page} is not built: run `make test` or `python scripts/build_book.py --smoke`")
+    text = re.sub(r"<[^>]+>", "", page.read_text())
+    assert not zero_width_intervals(text)

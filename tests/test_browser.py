@@ -37,7 +37,8 @@ def test_every_page_of_the_book_was_checked():
     """The book's own pages are all there, so the tests below cannot pass on an empty folder."""
     names = {p.relative_to(HTML).as_posix() for p in PAGES}
     expected = {f"notebooks/{c.stem}.html" for c in CHAPTERS} | {
-        "book/intro.html", "book/teachers_guide.html", "book/glossary.html", "book/references.html"}
+        "book/intro.html", "book/reproduction.html", "book/teachers_guide.html", "book/glossary.html",
+        "book/references.html"}
     assert expected <= names, expected - names
 
 
@@ -123,3 +124,14 @@ def test_the_chapters_embed_viewers_that_work_without_a_kernel(browser, chapter)
     top = page.evaluate(f"{frame}.document.getElementById('s').max")
     page.close()
     assert cells > 0 and layer == top != "0"
+
+
+def test_the_reproduction_page_gathers_every_chapters_card(browser):
+    """The cards are pasted from the executed chapters: one table per chapter 1-3, each row with a verdict."""
+    page = open_page(browser, HTML / "book" / "reproduction.html")
+    verdicts = page.evaluate("Array.from(document.querySelectorAll('table')).map(t => "
+                             "Array.from(t.querySelectorAll('tbody tr')).map(r => r.lastElementChild.innerText))")
+    page.close()
+    assert len(verdicts) == 3 and all(verdicts), verdicts
+    known = {"reproduced", "partly reproduced", "not reproduced", "opposite", "cannot tell"}
+    assert {v.strip() for table in verdicts for v in table} <= known, verdicts

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 
+import pandas as pd
+
 GLUED: dict[str, object] = {}
 
 
 def glue(name: str, value, display: bool = False):
     """Record `value` under `name` for the chapter's text; returns the value."""
-    if hasattr(value, "item"):  # numpy and torch scalars: glue plain numbers, which the text role can format
+    if hasattr(value, "item") and not isinstance(value, pd.DataFrame):  # numpy and torch scalars: plain numbers
         value = value.item()
     GLUED[name] = value
     try:
@@ -35,3 +37,52 @@ def show_source(obj):
     """Display a function's or class's source as a highlighted code block (the mechanism a chapter teaches)."""
     from IPython.display import Markdown, display
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
+
+
+# ---------------------------------------------------------------------------------------------- reproduction cards
+# A claim of a paper, set against this run: the paired verdict (`core.stats`: higher, lower, equivalent, cannot
+# tell) read in the direction the paper claims.
+REPRODUCED, PARTLY, NOT_REPRODUCED, OPPOSITE, CANNOT_TELL = (
+    "reproduced", "partly reproduced", "not reproduced", "opposite", "cannot tell")
+
+
+def against_paper(verdict: str, paper: str = "higher") -> str:
+    """A paired verdict read against a paper that found `paper` ("higher" or "lower"): the same direction is
+    reproduced, the other direction opposite, an equivalence not reproduced, and "cannot tell" stays so."""
+    if verdict == "cannot tell":
+        return CANNOT_TELL
+    if verdict == "equivalent":
+        return NOT_REPRODUCED
+    return REPRODUCED if verdict == paper else OPPOSITE
+
+
+def combine(verdicts) -> str:
+    """One verdict for a claim made of several comparisons (settings, layers): all reproduced, reproduced; some,
+    partly; all opposite, opposite; none reproduced and some not reproduced, not reproduced; else cannot tell."""
+    verdicts = list(verdicts)
+    if verdicts and all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    if any(v in (REPRODUCED, PARTLY) for v in verdicts):
+        return PARTLY
+    if verdicts and all(v == OPPOSITE for v in verdicts):
+        return OPPOSITE
+    return NOT_REPRODUCED if any(v in (NOT_REPRODUCED, OPPOSITE) for v in verdicts) else CANNOT_TELL
+
+
+def card(rows: list[dict]) -> pd.DataFrame:
+    """A reproduction card: one row per claim, with `claim`, what the paper reports and where (`paper`), this run's
+    number with its interval (`this run`) and the verdict computed from the paired statistics (`verdict`)."""
+    table = pd.DataFrame(rows, columns=["claim", "paper", "this run", "verdict"])
+    unknown = set(table.verdict) - {REPRODUCED, PARTLY, NOT_REPRODUCED, OPPOSITE, CANNOT_TELL}
+    if unknown:
+        raise ValueError(f"unknown verdicts {sorted(unknown)}; use report.against_paper or report.combine")
+    return table
+
+
+def glue_card(name: str, rows: list[dict]) -> pd.DataFrame:
+    """Build a reproduction card and glue it as a table under `name` (a chapter pastes it with the `glue`
+    directive; the book's reproduction page pastes every chapter's). Returns the card."""
+    table = card(rows)
+    glue(name, table.style.hide(axis="index"), display=False)
+    GLUED[name] = table
+    return table
