@@ -1,5 +1,6 @@
 """Chapter 1: the experiment helpers on a tiny model, and the localization phenomena on shapes-llava."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -50,6 +51,35 @@ def test_knockout_blocks_have_the_right_edges(tiny):
     assert other.any(-1).sum(-1).le(cols).all()  # its queries sit in the last row too
     keys = other.any(1)
     assert not (keys & obj).any() and not (keys & other.any(-1)).any() and (keys <= visual).all()
+    # the count-matched control: as many random keys as the object has, drawn from the other visual tokens (all
+    # of them where fewer exist; an item whose last row is all object has no query, so no edge at all)
+    random_keys, queried = blocks["random → last row"].any(1), last_row_queries.any(-1)
+    matched = torch.minimum(obj.sum(-1), (visual & ~obj & ~blocks["other visual → last row"].any(-1)
+                                          & ~last_row_queries).sum(-1))
+    assert queried.any() and random_keys.sum(-1)[queried].eq(matched[queried]).all()
+    assert (random_keys <= keys).all()
+    assert (blocks["random → last row"].any(-1) <= last_row_queries).all()  # its queries: the last row
+
+
+def _records(rows):
+    return pd.DataFrame([dict(zip(["method", "item", "before", "after"], r), setting="vqa", buffer=1, mode="mean",
+                              fixed_count=0, overlap=0.0) for r in rows])
+
+
+def test_items_without_room_for_a_control_leave_every_selection():
+    records = _records([("object", 0, True, False), ("random_outside", 0, True, True),
+                        ("object", 1, True, False)])  # item 1 had no room outside the object
+    kept, dropped = L.common_items(records)
+    assert sorted(kept.item.unique()) == [0] and dropped.dropped.tolist() == [1]
+
+
+def test_paired_flips_compare_selections_on_the_same_questions():
+    rows = [("object", i, True, i >= 9) for i in range(12)]  # 9 of 12 flipped by the object's tokens
+    rows += [("random", i, True, True) for i in range(12)]  # none by random ones
+    rows += [("object", 12, False, False), ("random", 12, False, False)]  # wrong before: no flip to count
+    paired = L.paired_flips(_records(rows)).iloc[0]
+    assert (paired.control, paired.n, paired.first_flips, paired.control_flips) == ("random", 12, 0.75, 0.0)
+    assert paired.verdict == "higher" and paired.p_value == pytest.approx(2 * 0.5 ** 9)
 
 
 def test_word_token_ids_and_lens_views(tiny):

@@ -85,7 +85,7 @@ def test_the_sweep_command_writes_parts_and_merges_them(tiny_llava_dir, tmp_path
     sweep.main(["merge", "knockout", *common])
     curve = pd.read_parquet(tmp_path / "runs" / "knockout.parquet")
     assert set(curve.knockout) == {"object → last", "non-object → last", "object → last row",
-                                   "other visual → last row"}
+                                   "random → last row", "other visual → last row"}
 
 
 def test_two_mimic_grid_shards_equal_one_run(tiny, monkeypatch, tmp_path):

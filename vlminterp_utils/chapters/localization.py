@@ -222,15 +222,51 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple]
 
 def flip_table(records: pd.DataFrame, seed: int = 0, by=("setting", "method", "buffer", "mode")) -> pd.DataFrame:
     """Per (setting, method, buffer, mode), or the columns `by`: the flip rate among initially correct items, with
-    its bootstrap 95% CI, and `overlap`, the mean share of the selected tokens in the target's buffer-1 tokens."""
+    its exact (Clopper-Pearson) 95% interval, and `overlap`, the mean share of the selected tokens in the target's
+    buffer-1 tokens. `seed` is kept for callers; exact intervals draw nothing."""
     rows = []
     for key, part in records.groupby(list(by), sort=False):
-        part = part.sort_values("item")
-        flip, lo, hi = stats.bootstrap_ci(part.before.tolist(), part.after.tolist(), seed=seed)
+        flip, lo, hi = stats.flip_ci(part.before.to_numpy(bool), part.after.to_numpy(bool))
         rows.append({**dict(zip(by, key)), "n": len(part), "initially_correct": int(part.before.sum()),
                      "flip_rate": flip, "ci_low": lo, "ci_high": hi, "overlap": part.overlap.mean()})
     # no records (e.g. no question kept by a filter): an empty table that still has its columns
     return pd.DataFrame(rows, columns=[*by, "n", "initially_correct", "flip_rate", "ci_low", "ci_high", "overlap"])
+
+
+CONDITION = ("setting", "buffer", "mode", "fixed_count")  # what one common item set is shared within
+
+
+def common_items(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The records of the items that every token selection of their (setting, buffer, mode, count) has, and per
+    such condition how many items left every selection because one of them had no room (an `_outside` control
+    for a large object): `(records, dropped)`. Compared flip rates then come from one common item set."""
+    methods = records.groupby(list(CONDITION)).method.transform("nunique")
+    per_item = records.groupby([*CONDITION, "item"]).method.transform("nunique")
+    kept = records[per_item == methods]
+    totals = records.groupby(list(CONDITION)).item.nunique()
+    dropped = (totals - kept.groupby(list(CONDITION)).item.nunique().reindex(totals.index, fill_value=0))
+    return kept, dropped.rename("dropped").reset_index()
+
+
+def paired_flips(records: pd.DataFrame, first: str = "object", margin: float | None = None) -> pd.DataFrame:
+    """`first` against every other selection, paired on the items both were run on and answered right before:
+    both flip rates, their difference with its paired bootstrap 95% interval, the exact McNemar p-value and the
+    verdict (`core.stats.compare_binary`: higher, lower, equivalent within `margin`, or cannot tell)."""
+    rows = []
+    for key, part in records[records.before].groupby(list(CONDITION), sort=False):
+        flipped = part.pivot_table(index="item", columns="method", values="after", aggfunc="first")
+        if first not in flipped:
+            continue
+        for control in [m for m in part.method.unique() if m != first]:
+            both = flipped[[first, control]].dropna().astype(bool)
+            a, b = ~both[first].to_numpy(), ~both[control].to_numpy()  # flipped: wrong after ablation
+            test = stats.paired_difference(a, b, margin=margin)
+            rows.append({**dict(zip(CONDITION, key)), "first": first, "control": control, "n": len(both),
+                         "first_flips": a.mean() if len(a) else np.nan,
+                         "control_flips": b.mean() if len(b) else np.nan,
+                         **{k: test[k] for k in ("difference", "ci_low", "ci_high", "p_value", "verdict")}})
+    return pd.DataFrame(rows, columns=[*CONDITION, "first", "control", "n", "first_flips", "control_flips",
+                                       "difference", "ci_low", "ci_high", "p_value", "verdict"])
 
 
 def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=("random", "high_gradient"),
@@ -247,7 +283,7 @@ def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=
 
 def ablation_flips(adapter, items: list[Item], setting: str, method: str, buffer: int = 1, mode: str = "mean",
                    seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None) -> dict:
-    """Correct before and after ablating the selected tokens, with the flip rate and its bootstrap 95% CI."""
+    """Correct before and after ablating the selected tokens, with the flip rate and its exact 95% interval."""
     records = ablation_records(adapter, items, setting, [(method, buffer, mode)], seed, batch_size, mean_token)
     if not records.before.any():
         warnings.warn(unanswered_note(setting, len(items)), stacklevel=2)
@@ -344,10 +380,12 @@ def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2
 
 # ---------------------------------------------------------------------------------------------- knockout
 
-def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.Tensor]:
+def knockout_blocks(adapter, items: list[Item], batch: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """The edges of Neo et al.'s knockouts, as (batch, seq, seq) block matrices: the answer position from the
     object's tokens and, as its control, from every other visual token; the image's last row from the object's
-    tokens and, as its control, from every other visual token (neither side the object's, nor the row itself)."""
+    tokens and, as its controls, from every other visual token, and from as many random visual tokens as the
+    object has (count-matched; neither side the object's, nor the row itself; seeded by `seed`)."""
+    rng = np.random.default_rng(seed)
     ids = batch["input_ids"]
     seq = ids.shape[1]
     visual_pos = adapter.visual_positions(ids)
@@ -359,12 +397,18 @@ def knockout_blocks(adapter, items: list[Item], batch: dict) -> dict[str, torch.
         obj[b, visual_pos[b][tokens]] = True
         last_row[b, visual_pos[b][bottom]] = True
     visual = ids == adapter.image_token_id
+    others = visual & ~obj & ~last_row
+    matched = torch.zeros_like(obj)
+    for b in range(len(items)):  # as many random others as the object has tokens (fewer if fewer exist)
+        pool = others[b].nonzero().flatten().numpy()
+        matched[b, rng.choice(pool, size=min(int(obj[b].sum()), len(pool)), replace=False)] = True
     last = torch.zeros_like(obj)
     last[:, -1] = True
     return {"object → last": I.block_matrix(seq, last, obj),
             "non-object → last": I.block_matrix(seq, last, visual & ~obj),
             "object → last row": I.block_matrix(seq, last_row & ~obj, obj),
-            "other visual → last row": I.block_matrix(seq, last_row & ~obj, visual & ~obj & ~last_row)}
+            "random → last row": I.block_matrix(seq, last_row & ~obj, matched),
+            "other visual → last row": I.block_matrix(seq, last_row & ~obj, others)}
 
 
 def answer_probability(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -404,7 +448,8 @@ def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: in
         clean = I.CleanRun(adapter, batch)
         answers, correct = models_own_answer(adapter, clean.logits, chunk)
         base = answer_probability(clean.logits, answers)
-        for name, block in chosen_knockouts(knockout_blocks(adapter, chunk, batch), knockouts).items():
+        blocks = knockout_blocks(adapter, chunk, batch, seed=b)  # the random control seeded per batch (shards)
+        for name, block in chosen_knockouts(blocks, knockouts).items():
             for label, w in tqdm(windows.items(), desc=f"knockout {name}", leave=False):
                 drop = (base - answer_probability(clean.answer_logits(block, w), answers)) / base
                 records += [{"knockout": name, "window": label, "first_layer": w[0], "item": b * batch_size + j,
@@ -431,6 +476,33 @@ def knockout_summary(records: pd.DataFrame) -> pd.DataFrame:
         rows.append({"knockout": name, "window": window, "first_layer": part.first_layer.iloc[0], "n": len(d),
                      "drop": mean, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows)
+
+
+def paired_knockouts(records: pd.DataFrame, first: str, second: str, margin: float | None = None) -> pd.DataFrame:
+    """Per window: the mean drop of knockout `first` minus that of `second`, on the items answered right that both
+    ran on, with its paired bootstrap 95% interval and verdict (`core.stats.paired_difference`)."""
+    rows = []
+    for window, part in records[records.correct].groupby("window", sort=False):
+        drops = part.pivot_table(index="item", columns="knockout", values="drop", aggfunc="first")
+        if not {first, second} <= set(drops):
+            continue
+        both = drops[[first, second]].dropna()
+        test = stats.paired_difference(both[first].to_numpy(), both[second].to_numpy(), margin=margin)
+        rows.append({"window": window, "first": first, "second": second,
+                     **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high", "verdict")}})
+    return pd.DataFrame(rows, columns=["window", "first", "second", "n", "difference", "ci_low", "ci_high",
+                                       "verdict"])
+
+
+def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str) -> dict:
+    """Knockout `knockout` in window `first` against the same knockout in window `second`: the mean difference of
+    the drops on the items answered right that both ran on, with its paired bootstrap 95% interval and verdict."""
+    part = records[records.correct & (records.knockout == knockout)]
+    drops = part.pivot_table(index="item", columns="window", values="drop", aggfunc="first")
+    if not {first, second} <= set(drops):
+        raise ValueError(f"no window {first!r} or {second!r} for {knockout!r}; windows: {sorted(drops)}")
+    both = drops[[first, second]].dropna()
+    return stats.paired_difference(both[first].to_numpy(), both[second].to_numpy())
 
 
 def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
@@ -466,11 +538,30 @@ def knockout_peak(curve: pd.DataFrame, n_layers: int, window: int, knockout: str
 
 # ---------------------------------------------------------------------------------------------- logit lens
 
-def lens_shares(adapter, lens, examples: list[shapes.Example], k: int = 5) -> pd.DataFrame:
-    """Per layer: share of object patches whose top-k names their object's colour or shape, and share of
-    background patches (outside a 1-cell buffer around every object) that name some object of the scene."""
+def lens_hits(adapter, lens, examples: list[shapes.Example], k: int = 5) -> pd.DataFrame:
+    """Per layer and patch: does the lens's top-k name the patch's object (object patches), or some object of the
+    scene (background patches, outside a 1-cell buffer around every object: a false-alarm rate)? A 0/1 `hit`."""
     readings = lenses.patch_readings(adapter, lens, examples, k)
-    return lenses.interpretable_share(readings, examples, judge=lenses.names_scene_judge, by=("layer", "kind"))
+    return lenses.judge_readings(readings, examples, judge=lenses.names_scene_judge)
+
+
+def lens_shares(adapter, lens, examples: list[shapes.Example], k: int = 5) -> pd.DataFrame:
+    """Per layer and patch kind: the share of `lens_hits`, with its interval clustered by image."""
+    return lenses.share_table(lens_hits(adapter, lens, examples, k), by=("layer", "kind"))
+
+
+def later_vs_earlier(hits: pd.DataFrame, kind: str = "object", part: float = 1 / 3) -> dict:
+    """Does a lens read more in later layers? Per patch of `kind`, its hit rate over the last `part` of the layers
+    minus over the first `part`, paired on the same patches, with an interval that resamples whole images
+    (`core.stats.paired_difference`)."""
+    layers = np.sort(hits.layer.unique())
+    n = max(1, int(round(len(layers) * part)))
+    objects = hits[hits.kind == kind]
+    rate = {name: objects[objects.layer.isin(chosen)].groupby(["example", "patch"]).hit.mean()
+            for name, chosen in (("late", layers[-n:]), ("early", layers[:n]))}
+    both = pd.concat(rate, axis=1).dropna()
+    return stats.paired_difference(both.late.to_numpy(), both.early.to_numpy(),
+                                   clusters=both.index.get_level_values("example"))
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
