@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The official LatentLens package, which a test runs beside the book's search: its index module needs only
+	# torch, so it is installed without its dependencies (torchvision, hub clients) that this machine cannot use.
+	$(PY) -m pip install --quiet --no-deps latentlens==0.1.0
 	$(PY) -m vlminterp_utils.core.weights
 	touch $(STAMP)
 

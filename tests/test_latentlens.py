@@ -24,7 +24,7 @@ def test_default_layers_spread_over_depth():
 def test_search_equals_a_brute_force_matmul(index):
     torch.manual_seed(0)
     queries = torch.randn(20, index.hidden_size)
-    sims, rows, layers = index.search(queries, k=4)
+    sims, rows, layers = index.search(queries, k=4, merge="distinct")
     q = torch.nn.functional.normalize(queries, dim=-1)
     # brute force: every entry at every layer, best 4 distinct entries
     scores = torch.stack([q @ index.embeddings[layer].float().T for layer in index.layers])  # (layers, n, entries)
@@ -41,9 +41,60 @@ def test_cross_layer_merge_keeps_distinct_entries_at_their_best_layer():
     sims = np.array([[0.9, 0.5, 0.8, 0.95, 0.1, 0.0]])
     rows = np.array([[7, 3, 3, 7, 1, -1]])
     layers = np.array([[1, 1, 1, 4, 4, 4]])
-    merged_sims, merged_rows, merged_layers = LL.merge_layers(sims, rows, layers, k=3)
+    merged_sims, merged_rows, merged_layers = LL.merge_distinct(sims, rows, layers, k=3)
     assert merged_rows.tolist() == [[7, 3, 1]] and merged_layers.tolist() == [[4, 1, 4]]
     assert np.allclose(merged_sims, [[0.95, 0.8, 0.1]])
+    # the paper's merge keeps entry 7 twice, once from each layer that returned it
+    merged_sims, merged_rows, merged_layers = LL.merge_official(sims, rows, layers, k=3)
+    assert merged_rows.tolist() == [[7, 7, 3]] and merged_layers.tolist() == [[4, 1, 1]]
+
+
+def _shared_bank(n_entries=400, hidden=32, layers=(1, 3, 5), seed=0):
+    """One random bank of contextual embeddings (fp16, as the book stores them), as the book's index and as the
+    official package's (`latentlens.ContextualIndex`, the same values in float32)."""
+    import latentlens
+    import pandas as pd
+    torch.manual_seed(seed)
+    # correlated layers, as a residual stream is: each layer a small step from the one before
+    base = torch.randn(n_entries, hidden)
+    embeddings = {}
+    for layer in layers:
+        base = base + 0.5 * torch.randn(n_entries, hidden)
+        embeddings[layer] = torch.nn.functional.normalize(base, dim=-1).half()
+    words = [f"w{i % 50}" for i in range(n_entries)]
+    meta = pd.DataFrame({"token_id": range(n_entries), "token": words, "word": words,
+                         "sentence": ["s"] * n_entries, "position": range(n_entries)})
+    ours = LL.ContextualIndex("random", hidden, list(layers), embeddings, meta, cap=1, seed=seed,
+                              search_method="exact")
+    theirs = latentlens.ContextualIndex({layer: {"embeddings": e.float(), "metadata": [
+        {"token_str": w, "position": i} for i, w in enumerate(words)]} for layer, e in embeddings.items()})
+    return ours, theirs
+
+
+def test_the_default_merge_is_the_official_packages_search():
+    """latentlens 0.1.0's own `ContextualIndex.search` (installed without its heavy dependencies) on the same bank
+    and queries: the same entries, at the same contextual layers, in the same order, with the same similarity."""
+    ours, theirs = _shared_bank()
+    queries = torch.randn(64, ours.hidden_size)
+    sims, rows, layers = ours.search(queries, k=5)
+    expected = theirs.search(queries, top_k=5)
+    assert rows.tolist() == [[n.position for n in hits] for hits in expected]
+    assert layers.tolist() == [[n.contextual_layer for n in hits] for hits in expected]
+    assert np.allclose(sims, [[n.similarity for n in hits] for hits in expected], atol=1e-5)
+
+
+def test_the_distinct_merge_differs_from_the_official_one_where_layers_agree():
+    """With correlated layers, an entry near a query at one layer is near it at the next: the official merge
+    lists it once per layer, the distinct variant once. Top-1 agrees; the top-5 lists differ for many queries."""
+    ours, _ = _shared_bank()
+    queries = torch.randn(64, ours.hidden_size)
+    official = ours.search(queries, k=5)[1]
+    distinct = ours.search(queries, k=5, merge="distinct")[1]
+    assert (official[:, 0] == distinct[:, 0]).all()
+    repeats = np.array([len(set(r)) < 5 for r in official])
+    assert repeats.mean() > 0.25 and not any(len(set(r)) < 5 for r in distinct)
+    with pytest.raises(ValueError, match="official, distinct"):
+        ours.search(queries, merge="best")
 
 
 def test_cap_and_dedup(tiny):
@@ -158,7 +209,7 @@ def test_the_vectorised_merge_equals_the_loop():
     rows = rng.integers(-1, 6, (200, 12))  # few entries: many repeats, and faiss's -1 padding
     layers = rng.integers(0, 4, (200, 12))
     for k in (1, 3, 8):
-        for got, want in zip(LL.merge_layers(sims, rows, layers, k), merge_by_loop(sims, rows, layers, k)):
+        for got, want in zip(LL.merge_distinct(sims, rows, layers, k), merge_by_loop(sims, rows, layers, k)):
             assert np.array_equal(got, want)
 
 

@@ -3,7 +3,8 @@
 Three layers (README, "Architecture"):
 - `core`: loading a VLM and its adapter (`models`), the shapes world (`shapes`), reading the model (`readout`),
   statistics (`stats`), files and caches (`storage`), the offline SmolLM2 weights (`weights`);
-- `chapters`: ch. 1 `interventions` + `localization`, ch. 2 `lenses` + `latentlens`, ch. 3 `inversion` + its judge
+- `chapters`: ch. 1 `interventions` + `localization`, ch. 2 `lenses` + `latentlens` + their positive controls
+  `probe`, ch. 3 `inversion` + its judge
   `classifier`, models side by side `comparison`, and `plotting` + `report` + `seminar` (timings, exercise
   checks) for all of them;
 - `workshop`: training and evaluating the embedded model, training the judge, generating the corpus.
@@ -23,7 +24,7 @@ MODULES = {
     "interventions": "chapters.interventions", "localization": "chapters.localization", "lenses": "chapters.lenses",
     "latentlens": "chapters.latentlens", "inversion": "chapters.inversion", "classifier": "chapters.classifier",
     "plotting": "chapters.plotting", "report": "chapters.report", "seminar": "chapters.seminar",
-    "comparison": "chapters.comparison",
+    "comparison": "chapters.comparison", "probe": "chapters.probe",
 }
 FUNCTIONS = {"load_vlm": "models", "adapter_for": "models", "VLMAdapter": "models"}
 __all__ = sorted(MODULES) + sorted(FUNCTIONS)

@@ -79,12 +79,15 @@ class ContextualIndex:
         return self._searchers[layer]
 
     def search(self, queries: torch.Tensor, k: int = 5, layers: list[int] | None = None,
-               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k entries over the chosen contextual layers, merged by cosine similarity.
+               batch_size: int = 4096, merge: str = "official") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k entries over the chosen contextual layers, merged by cosine similarity (`merge`: "official", the
+        paper's code, or "distinct"; see `MERGES`).
 
         `queries` is (n, hidden) in any float dtype. Returns (n, k) similarities, entry rows and the contextual
         layer each match came from.
         """
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
         if queries.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have width {queries.shape[-1]} but the index was built for "
                              f"{self.hidden_size} ({self.model_name}); build an index for this model")
@@ -99,7 +102,7 @@ class ContextualIndex:
             sims.append(np.concatenate(s))
             rows.append(np.concatenate(r))
             from_layer.append(np.full_like(rows[-1], layer))
-        return merge_layers(*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
+        return MERGES[merge](*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
@@ -150,8 +153,18 @@ class ContextualIndex:
                    meta["seed"], search_method, meta["skip_first"])
 
 
-def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
-    """The cross-layer merge: per query, the k best distinct entries over all layers, each at its best layer.
+def merge_official(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
+    """The paper's cross-layer merge (`ContextualIndex.search` in the official `latentlens` 0.1.0, `index.py`):
+    per query, the k most similar of all layers' top-k candidates. An entry two layers both return counts twice.
+
+    sims, rows, from_layer: (queries, layers * k), the layers' candidates side by side in layer order."""
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (queries, k) best first; ties: the earlier layer
+    return tuple(np.take_along_axis(x, order, axis=1) for x in (sims, rows, from_layer))
+
+
+def merge_distinct(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: int):
+    """A variant of the cross-layer merge: per query, the k best *distinct* entries over all layers, each at its
+    best layer, so that one context is never shown twice.
 
     Vectorised over queries: sort each query's candidates by similarity, drop an entry seen at a better
     similarity (or faiss's -1 padding), keep the first k."""
@@ -171,6 +184,10 @@ def merge_layers(sims: np.ndarray, rows: np.ndarray, from_layer: np.ndarray, k: 
     for target, source in zip(out, (sims, rows, from_layer)):
         target[query, rank[query, column]] = source[query, column]
     return tuple(out)
+
+
+# The cross-layer merges a search can use: the paper's (the default) and the distinct-entries variant.
+MERGES = {"official": merge_official, "distinct": merge_distinct}
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -282,13 +299,15 @@ class LatentLens:
 
     name = "LatentLens"
 
-    def __init__(self, index: ContextualIndex, name: str | None = None):
-        self.index = index
+    def __init__(self, index: ContextualIndex, name: str | None = None, merge: str = "official"):
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+        self.index, self.merge = index, merge
         self.name = name or self.name  # e.g. "LatentLens (shapes corpus)" beside the default one
 
     def search(self, hidden_states, layer: int, k: int = 5):
         hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
-        sims, rows, from_layer = self.index.search(hidden.reshape(-1, hidden.shape[-1]), k)
+        sims, rows, from_layer = self.index.search(hidden.reshape(-1, hidden.shape[-1]), k, merge=self.merge)
         return hidden.shape[:-1], sims, rows, from_layer
 
     def describe(self, hidden_states, layer: int, k: int = 5) -> list:
@@ -319,9 +338,29 @@ class LatentLens:
 
 
 def matched_layer_counts(adapter, lens: LatentLens, examples, query_layers=None) -> pd.DataFrame:
-    """For visual tokens read at each query layer: how often the top-1 match comes from each contextual layer."""
-    query_layers = range(1, adapter.n_layers + 1) if query_layers is None else query_layers
-    states = visual_hidden_states(adapter, examples)
+    """For visual tokens read at each query layer (default: every layer from 0, the projector's output as the
+    LLM receives it): how often the top-1 match comes from each contextual layer."""
+    return count_matched_layers(lens, visual_hidden_states(adapter, examples), query_layers)
+
+
+def merge_agreement(index: ContextualIndex, states, query_layers, k: int = 5) -> pd.DataFrame:
+    """Per query layer: how often the official and the distinct merge agree on the same queries (`states` indexed
+    by layer first, (layers + 1, ..., d_model)): the same top-1 entry, and the same top-k list."""
+    rows = []
+    for layer in query_layers:
+        queries = states[layer].reshape(-1, states.shape[-1])
+        official = index.search(queries, k, merge="official")[1]
+        distinct = index.search(queries, k, merge="distinct")[1]
+        rows.append({"query_layer": layer, "same_top1": float((official[:, 0] == distinct[:, 0]).mean()),
+                     f"same_top{k}": float((official == distinct).all(1).mean()),
+                     "queries": len(queries)})
+    return pd.DataFrame(rows)
+
+
+def count_matched_layers(lens: LatentLens, states, query_layers=None) -> pd.DataFrame:
+    """The same count for any hidden states indexed by layer first, (layers + 1, ..., d_model): e.g. text tokens
+    (`probe.text_word_states`), the baseline a visual token's matched layers are read against."""
+    query_layers = range(len(states)) if query_layers is None else query_layers
     rows = []
     for layer in query_layers:
         matched = lens.matched_layers(states[layer], layer, k=1).ravel()

@@ -194,24 +194,33 @@ def string_match_judge(labels: list[set[str]]):
     return judge
 
 
-def judge_readings(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge) -> pd.DataFrame:
-    """The judged readings (patches the judge has no rule for dropped), with a 0/1 `hit` column."""
-    verdicts = [judge(row, examples[row.example].scene) for row in readings.itertuples()]
-    judged = readings.assign(hit=verdicts)
-    return judged[judged.hit.notna()].astype({"hit": float})
+def judge_readings(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge,
+                   also: dict | None = None) -> pd.DataFrame:
+    """The judged readings (patches the judge has no rule for dropped), with a 0/1 `hit` column, and a column
+    `hit_<name>` for each further judge in `also` (NaN where that judge has no rule)."""
+    judges = {"hit": judge, **{f"hit_{name}": j for name, j in (also or {}).items()}}
+    scenes = [examples[e].scene for e in readings.example]
+    columns = {name: [j(row, scene) for row, scene in zip(readings.itertuples(), scenes)]
+               for name, j in judges.items()}
+    judged = readings.assign(**columns)
+    return judged[judged.hit.notna()].astype({name: float for name in judges})
 
 
 def interpretable_share(readings: pd.DataFrame, examples: list[shapes.Example], judge=shapes_judge,
                         by=("layer",)) -> pd.DataFrame:
-    """Share of judged patches that a judge accepts, grouped by `by`, with a normal-approximation 95% CI."""
+    """Share of judged patches that a judge accepts, grouped by `by`, with a 95% interval clustered by image."""
     return share_table(judge_readings(readings, examples, judge), by)
 
 
 def share_table(judged: pd.DataFrame, by=("layer",)) -> pd.DataFrame:
-    """Share of hits among judged readings, grouped by `by`, with a normal-approximation 95% CI."""
-    out = judged.groupby(list(by)).hit.agg(["mean", "count"]).reset_index()
-    low, high = stats.proportion_interval(out["mean"], out["count"])
-    return out.rename(columns={"mean": "share", "count": "n"}).assign(ci_low=low, ci_high=high)
+    """Share of hits among judged readings, grouped by `by`, with an exact 95% interval widened for the patches of
+    one image being one cluster (`core.stats.clustered_share_ci`, clusters from the `example` column)."""
+    rows = []
+    for key, part in judged.groupby(list(by)):
+        share, low, high = stats.clustered_share_ci(part.hit.to_numpy(), part.example.to_numpy())
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "share": share, "n": len(part),
+                     "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=[*by, "share", "n", "ci_low", "ci_high"])
 
 
 # ---------------------------------------------------------------------------------------------- chance controls
@@ -251,24 +260,28 @@ def with_chance_controls(readings: pd.DataFrame, lens, k: int, seed: int = 0) ->
 
 
 def compare_with_chance(adapter, lens_list, examples: list[shapes.Example], k: int = 5, judge=shapes_judge,
-                        seed: int = 0, layers=None) -> pd.DataFrame:
+                        seed: int = 0, layers=None, also: dict | None = None) -> pd.DataFrame:
     """Judged readings of every lens and of its chance controls: one row per (lens, reading, layer, example, patch)
-    with its `kind` and 0/1 `hit`. `share_table` and `above_chance` summarise it."""
+    with its `kind` and 0/1 `hit` (and `hit_<name>` for each judge in `also`, e.g. colour and shape apart).
+    `share_table` and `above_chance` summarise it."""
     tables = []
     for lens, readings in zip(lens_list, readings_of_lenses(adapter, lens_list, examples, k, layers)):
         controls = with_chance_controls(readings, lens, k, seed)
-        tables.append(judge_readings(controls, examples, judge).assign(lens=lens.name).drop(columns="words"))
+        judged = judge_readings(controls, examples, judge, also)
+        tables.append(judged.assign(lens=lens.name).drop(columns="words"))
     return pd.concat(tables, ignore_index=True)
 
 
 def above_chance(judged: pd.DataFrame, by=("lens", "layer", "kind"), n_boot: int = 1000,
-                 seed: int = 0) -> pd.DataFrame:
+                 seed: int = 0, hit: str = "hit") -> pd.DataFrame:
     """Each lens's share minus that of its strongest control, per group, with a 95% bootstrap interval over images.
 
     Patches of one image are not independent draws, so the bootstrap resamples whole images (the `example`
-    column) and recomputes both shares from the resampled patches."""
+    column) and recomputes both shares from the resampled patches. `hit` names the judged column (e.g.
+    `hit_colour` from `compare_with_chance(..., also=...)`)."""
     rng = np.random.default_rng(seed)
-    per_image = judged.groupby([*by, "reading", "example"]).hit.agg(["sum", "count"]).reset_index()
+    per_image = judged.dropna(subset=[hit]).groupby([*by, "reading", "example"])[hit].agg(["sum", "count"])
+    per_image = per_image.reset_index()
     rows = []
     for key, group in per_image.groupby(list(by)):
         table = group.pivot(index="example", columns="reading", values=["sum", "count"]).fillna(0)
@@ -284,3 +297,29 @@ def above_chance(judged: pd.DataFrame, by=("lens", "layer", "kind"), n_boot: int
                      "above": share[LENS] - share[strongest], "ci_low": low, "ci_high": high,
                      "n": int(counts[LENS].sum())})
     return pd.DataFrame(rows)
+
+
+def excess_over_chance(judged: pd.DataFrame, lens: str, kind: str = "object") -> pd.DataFrame:
+    """Per layer and patch of `kind`: the lens's hit minus the hit of its strongest control at that layer (the
+    control with the higher share, as in `above_chance`): 1, 0 or -1, indexed (layer, example, patch)."""
+    part = judged[(judged.lens == lens) & (judged.kind == kind)]
+    wide = part.pivot_table(index=["layer", "example", "patch"], columns="reading", values="hit", aggfunc="first")
+    controls = wide.drop(columns=LENS)
+    strongest = controls.groupby(level="layer").mean().idxmax(axis=1)  # (layers,) the stronger control's name
+    chosen = strongest.reindex(wide.index.get_level_values("layer")).to_numpy()
+    control_hit = controls.to_numpy()[np.arange(len(wide)), controls.columns.get_indexer(chosen)]
+    return (wide[LENS] - control_hit).rename("excess")
+
+
+def paired_lenses(judged: pd.DataFrame, first: str, second: str, kind: str = "object") -> pd.DataFrame:
+    """Per layer: lens `first`'s gain over its strongest chance control minus lens `second`'s, paired on the same
+    patches of the same scenes, with a 95% interval that resamples whole scenes and its verdict
+    (`core.stats.paired_difference`)."""
+    both = pd.concat({first: excess_over_chance(judged, first, kind),
+                      second: excess_over_chance(judged, second, kind)}, axis=1).dropna()
+    rows = []
+    for layer, pairs in both.groupby(level="layer"):
+        test = stats.paired_difference(pairs[first].to_numpy(), pairs[second].to_numpy(),
+                                       clusters=pairs.index.get_level_values("example"))
+        rows.append({"layer": layer, **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high", "verdict")}})
+    return pd.DataFrame(rows, columns=["layer", "n", "difference", "ci_low", "ci_high", "verdict"])

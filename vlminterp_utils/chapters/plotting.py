@@ -342,8 +342,9 @@ def word_grids(image, words_by_name: dict[str, list[str]], regions: np.ndarray, 
     return fig
 
 
-def matched_layer_heatmap(counts, ax=None, title: str | None = None):
-    """Rows: the layer a visual token is read at; columns: the contextual layer its best match comes from."""
+def matched_layer_heatmap(counts, ax=None, title: str | None = None, tokens: str = "visual token"):
+    """Rows: the layer a token (a visual one by default) is read at; columns: the contextual layer its best match
+    comes from."""
     table = counts.pivot_table(index="query_layer", columns="contextual_layer", values="count", fill_value=0)
     share = table.div(table.sum(1), axis=0)
     ax = ax or plt.subplots(figsize=(6, 5))[1]
@@ -352,8 +353,8 @@ def matched_layer_heatmap(counts, ax=None, title: str | None = None):
     ax.set_yticks(range(0, share.shape[0], max(1, share.shape[0] // 10)),
                   share.index[::max(1, share.shape[0] // 10)])
     ax.set_xlabel("contextual layer of the best match")
-    ax.set_ylabel("layer the visual token is read at")
-    plt.colorbar(shown, ax=ax, label="share of visual tokens")
+    ax.set_ylabel(f"layer the {tokens} is read at")
+    plt.colorbar(shown, ax=ax, label=f"share of {tokens}s")
     if title:
         ax.set_title(title, fontsize=10)
     return ax
