@@ -124,22 +124,30 @@ def test_gaussian_blur_keeps_flat_images_and_mass():
 @pytest.mark.phenomenon
 @pytest.mark.parametrize("seed", [0, 1])
 def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llava, seed):
-    """MIMIC's point, on shapes-llava: 6 concepts (the chapter's four and two more), the default recipe (75 steps
-    at lr 0.1; 4 to 7 minutes on one CPU core per seed), each seed a separate test so that two workers share them.
-    The independent classifier names the target in more of the full-recipe inversions than of the CE-only ones,
-    on each of two seeds. Measured on the shipped weights (`benchmarks/bench_mimic_recipe.py --seed S`): all
-    terms 2 of 6 on seed 0 and 2 of 6 on seed 1, CE alone 0 of 6 on both (textures that carry the answer's
-    probability, never a shape). Strictly more on each seed is the claim; the margin is small (one image of six
-    would tie on the weaker seed), so the test asks for no more."""
+    """MIMIC's point, on shapes-llava, on concepts the recipe was not tuned on: the first 6 of
+    `inversion.HELD_OUT_CONCEPTS` (the chapter's four and two more; steps and learning rate were chosen on
+    `TUNING_CONCEPTS`), the default recipe (75 steps at lr 0.1; about 6 minutes on one CPU core per seed), each
+    seed a separate test so that two workers share them. The independent classifier names the target in more of
+    the full-recipe inversions than of the CE-only ones, on each of two seeds. Measured on the shipped weights
+    (`benchmarks/bench_mimic_recipe.py --concepts held-out --seed S`): all terms 3 of 6 on seed 0 and on seed 1
+    (purple square, red square, green circle), CE alone 1 of 6 on both (the green circle, which the judge names
+    for most textures: its chance hit). Strictly more on each seed is the claim; a tie needs two of the three
+    full-recipe hits to fail on one seed, so the test asks for no more."""
     _, _, adapter = shapes_llava
-    concepts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square"),
-                ("purple", "circle"), ("red", "triangle")]
+    concepts = list(V.HELD_OUT_CONCEPTS[:6])
+    assert not set(concepts) & set(V.TUNING_CONCEPTS)
     recipes = {k: V.ABLATIONS[k] for k in ("CE only", "all")}
     table, _ = V.ablation_grid(adapter, concepts, seeds=(seed,), base=V.InversionConfig(progress=False),
                                ablations=recipes)
     recognised = table.groupby("ablation").recognised.sum()
     print(f"seed {seed}, recognised of 6:", recognised.to_dict())
     assert recognised["all"] > recognised["CE only"], table
+
+
+def test_the_concepts_the_recipe_was_tuned_on_are_held_out_of_the_chapter():
+    assert len(set(V.TUNING_CONCEPTS) | set(V.HELD_OUT_CONCEPTS)) == 15  # the whole world, split
+    assert not set(V.TUNING_CONCEPTS) & set(V.HELD_OUT_CONCEPTS)
+    V.crossed_pairs(list(V.HELD_OUT_CONCEPTS[:4]))  # the chapter's four can be crossed
 
 
 def test_crossed_pairs_need_concepts_that_differ_in_colour_and_shape():

@@ -44,7 +44,10 @@ class ShapeClassifier(nn.Module):
         return self.color(h), self.shape(h)
 
 
-def to_pixels(images, size: int = 64, resample=Image.BILINEAR) -> torch.Tensor:
+JUDGE_SIZE = 64  # the judge sees every image at 64 x 64 pixels
+
+
+def to_pixels(images, size: int = JUDGE_SIZE, resample=Image.BILINEAR) -> torch.Tensor:
     """PIL images as (batch, 3, size, size) floats in [0, 1]."""
     arrays = [np.asarray(im.convert("RGB").resize((size, size), resample), np.float32) / 255 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -69,7 +72,7 @@ def degrade(pixels: torch.Tensor, sigma: float = 0.0, noise: float = 0.0, genera
     return noisy.clamp(0, 1)
 
 
-def one_object_scenes(n: int, seed: int, size: int = 64) -> list[shapes.Scene]:
+def one_object_scenes(n: int, seed: int, size: int = JUDGE_SIZE) -> list[shapes.Scene]:
     return [shapes.random_scene(np.random.default_rng([seed, i]), size, n_objects=1) for i in range(n)]
 
 
