@@ -124,5 +124,5 @@ def test_chapter_4_checks_name_the_most_moved_module_and_the_clearly_higher_laye
     sizes = pd.DataFrame({"module": ["q_proj", "q_proj", "k_proj"], "relative_update": [0.01, 0.01, 0.05]})
     assert seminar.check_most_moved_module("k_proj", sizes) is True
     assert seminar.check_most_moved_module("q_proj", sizes) is False
-    assert seminar.check_layers_clearly_higher(0, {"logit_clear_layers": 0}) is True
-    assert seminar.check_layers_clearly_higher(None, {"logit_clear_layers": 0}) is None
+    assert seminar.check_layers_clearly_higher(0, {"logit_higher_layers": 0}) is True
+    assert seminar.check_layers_clearly_higher(None, {"logit_higher_layers": 0}) is None

@@ -148,5 +148,6 @@ def check_most_moved_module(answer, sizes) -> bool | None:
 
 
 def check_layers_clearly_higher(answer, numbers: dict) -> bool | None:
-    """Chapter 4: the number of layers where the tuned model's logit-lens interval lies wholly above the base's."""
-    return verdict(answer, numbers["logit_clear_layers"], hint="numbers['logit_clear_layers'] holds it")
+    """Chapter 4: the number of layers where the tuned model's logit lens is clearly higher than the base's, by
+    the paired comparison of the same patches (`comparison.paired_lens_difference`)."""
+    return verdict(answer, numbers["logit_higher_layers"], hint="numbers['logit_higher_layers'] holds it")
