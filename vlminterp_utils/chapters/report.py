@@ -33,6 +33,19 @@ def glue_all(values: dict, prefix: str = "") -> dict:
     return values
 
 
+def interval_text(value: float, low: float, high: float, signed: bool = False) -> str:
+    """"v [low, high]" in percent, with the fewest decimals (up to 3) at which the two ends print apart, so that a
+    narrow interval never reads as a point; "n/a" without a value."""
+    if value != value:  # NaN
+        return "n/a"
+    sign = "+" if signed else ""
+    for decimals in range(4):
+        if round(low * 100, decimals) != round(high * 100, decimals) or low == high:
+            break
+    value, low, high = (0.0 if round(x * 100, decimals) == 0 else x for x in (value, low, high))  # no "-0%"
+    return f"{value:{sign}.{decimals}%} [{low:{sign}.{decimals}%}, {high:{sign}.{decimals}%}]"
+
+
 def show_source(obj):
     """Display a function's or class's source as a highlighted code block (the mechanism a chapter teaches)."""
     from IPython.display import Markdown, display
@@ -58,7 +71,8 @@ def against_paper(verdict: str, paper: str = "higher") -> str:
 
 def combine(verdicts) -> str:
     """One verdict for a claim made of several comparisons (settings, layers): all reproduced, reproduced; some,
-    partly; all opposite, opposite; none reproduced and some not reproduced, not reproduced; else cannot tell."""
+    partly; all opposite, opposite; none reproduced and some not reproduced or opposite, not reproduced; else
+    (every comparison undecided) cannot tell."""
     verdicts = list(verdicts)
     if verdicts and all(v == REPRODUCED for v in verdicts):
         return REPRODUCED

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy import stats as sps
+from scipy.optimize import brentq
 
 LEVEL = 0.95
 HIGHER, LOWER, EQUIVALENT, CANNOT_TELL = "higher", "lower", "equivalent", "cannot tell"
@@ -128,33 +129,70 @@ def paired_bootstrap(first, second, clusters=None, n_boot: int = 2000, seed: int
 
 def paired_difference(first, second, clusters=None, margin: float | None = None, n_boot: int = 2000,
                       seed: int = 0, level: float = LEVEL) -> dict:
-    """mean(first) - mean(second) on one common set of units, with its paired (cluster) bootstrap interval, and
-    the verdict (`compare`). Binary outcomes without clusters are tested with exact McNemar instead of the
-    bootstrap's interval, and "equivalent" needs the exact bound on their discordance (see `compare_binary`)."""
+    """mean(first) - mean(second) on one common set of units, with its 95% interval and the verdict (`compare`).
+
+    Yes/no outcomes (0/1 values): Tango's score interval for paired proportions (`tango_interval`), on an
+    effective sample size when the units come in clusters; without clusters the verdict on a difference is the
+    exact McNemar test (`compare_binary`). Other values: a bootstrap that resamples the units, or whole clusters.
+    "Equivalent" needs the (2 * level - 1) interval inside (-margin, margin): two one-sided tests."""
     first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape:
+        raise ValueError(f"paired values need one common item set: got {first.shape} and {second.shape}")
     if first.size == 0:
         return {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0,
                 "p_value": float("nan"), "verdict": CANNOT_TELL}
+    out = {"difference": float(first.astype(float).mean() - second.astype(float).mean()), "n": int(first.size),
+           "p_value": float("nan")}
+    if _is_binary(first) and _is_binary(second):
+        first, second = first.astype(bool), second.astype(bool)
+        deff = 1.0 if clusters is None else paired_design_effect(first, second, clusters, n_boot, seed)
+        low, high = tango_interval(first, second, level, deff)
+        tost = tango_interval(first, second, 2 * level - 1, deff)
+        if clusters is None:  # the exact test decides a difference; the interval says how large
+            return {**out, "ci_low": low, "ci_high": high, **compare_binary(first, second, margin, level)}
+        return {**out, "ci_low": low, "ci_high": high, "verdict": compare(low, high, margin, tost)}
     boot = paired_bootstrap(first, second, clusters, n_boot, seed, level)
     low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    out = {"difference": float(first.astype(float).mean() - second.astype(float).mean()),
-           "ci_low": float(low), "ci_high": float(high), "n": int(first.size), "p_value": float("nan")}
-    if clusters is None and first.dtype == bool and second.dtype == bool:
-        return {**out, **compare_binary(first, second, margin, level)}
-    # two one-sided tests at (1 - level) / 2 each: the (2 * level - 1) interval inside the margin
     tost = np.quantile(boot, [1 - level, level])
-    verdict = compare(low, high, margin, tuple(tost))
-    if verdict == EQUIVALENT and _is_binary(first) and _is_binary(second):
-        # A bootstrap of yes/no pairs that never disagree has zero width; |difference| is bounded only by the
-        # share of discordant pairs, so that share's exact (clustered) upper bound must lie inside the margin too.
-        units = np.arange(first.size) if clusters is None else clusters
-        if clustered_share_ci(first != second, units, level)[2] >= margin:
-            verdict = CANNOT_TELL
-    return {**out, "verdict": verdict}
+    return {**out, "ci_low": float(low), "ci_high": float(high),
+            "verdict": compare(low, high, margin, tuple(tost))}
 
 
 def _is_binary(values: np.ndarray) -> bool:
     return bool(np.isin(values, (0, 1)).all())
+
+
+def tango_interval(first, second, level: float = LEVEL, design_effect: float = 1.0) -> tuple[float, float]:
+    """Tango's (1998) score interval for the difference of two paired proportions, P(first) - P(second).
+
+    It never collapses to a point: 0 discordant pairs of n still give a width that shrinks with n. With a
+    `design_effect` above 1 (clustered pairs) the counts are divided by it, an effective sample size."""
+    first, second = np.asarray(first, bool), np.asarray(second, bool)
+    n = first.size / design_effect
+    b, c = (first & ~second).sum() / design_effect, (~first & second).sum() / design_effect
+    z = sps.norm.ppf((1 + level) / 2)
+
+    def score(delta):  # Tango's statistic for H0: difference = delta; falls as delta grows
+        a, bb, cc = 2 * n, -b - c + (2 * n - b + c) * delta, -c * delta * (1 - delta)
+        p21 = (-bb + np.sqrt(max(bb ** 2 - 4 * a * cc, 0.0))) / (2 * a)  # restricted MLE of P(second only)
+        variance, excess = n * (2 * p21 + delta * (1 - delta)), b - c - n * delta
+        if excess == 0 or variance <= 0:  # at the estimate, or at a bound no data can reach
+            return float(np.sign(excess)) * np.inf if excess else 0.0
+        return excess / np.sqrt(variance)
+
+    estimate = (b - c) / n
+    edge = 1 - 1e-12
+    low = -1.0 if score(-edge) <= z else brentq(lambda d: score(d) - z, -edge, estimate)
+    high = 1.0 if score(edge) >= -z else brentq(lambda d: score(d) + z, estimate, edge)
+    return float(low), float(high)
+
+
+def paired_design_effect(first, second, clusters, n_boot: int = 2000, seed: int = 0) -> float:
+    """How much clustering inflates the variance of a paired difference: its variance with whole clusters
+    resampled over its variance with the pairs resampled one by one; at least 1 (1 where neither varies)."""
+    clustered = paired_bootstrap(first, second, clusters, n_boot, seed).var()
+    alone = paired_bootstrap(first, second, None, n_boot, seed).var()
+    return float(max(1.0, clustered / alone)) if alone > 0 else 1.0
 
 
 def compare(ci_low: float, ci_high: float, margin: float | None = None,
