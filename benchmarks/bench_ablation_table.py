@@ -28,7 +28,7 @@ def main():
     mean_token = I.mean_visual_token(adapter)
     buffers = (0, 1, 2)
     start = time.perf_counter()
-    shared = L.ablation_table(adapter, settings=(args.setting,), buffers=buffers, n=args.n)
+    shared = L.ablation_table(adapter, L.AblationSpec(settings=(args.setting,), buffers=buffers, n=args.n))
     t_shared = time.perf_counter() - start
     start = time.perf_counter()
     items = L.make_items(args.setting, args.n, 0, adapter.image_size)

@@ -32,6 +32,17 @@ def test_attribution_target_points_at_the_objects_colour_word(tiny):
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="known settings"):
         L.make_items("captioning", 2, 0, 64)
+    with pytest.raises(ValueError, match="known settings"):
+        L.AblationSpec(settings=("captioning",))
+    with pytest.raises(ValueError, match="unknown token selection 'loudest'"):
+        L.AblationSpec(methods=("object", "loudest"))
+
+
+def test_an_ablation_spec_lists_its_jobs_once():
+    spec = L.AblationSpec(methods=("object", "random_outside"), buffers=(0, 1), outside_buffers=(1,))
+    assert spec.jobs() == [("object", 0, "mean"), ("object", 1, "mean"), ("random_outside", 1, "mean")]
+    assert [it.example.question for it in spec.items("vqa", 64)] == [
+        it.example.question for it in L.make_items("vqa", spec.n, spec.seed, 64)]
 
 
 def test_knockout_blocks_have_the_right_edges(tiny):
@@ -137,30 +148,37 @@ def test_logit_lens_describe_returns_words_per_token(tiny):
 
 @pytest.mark.phenomenon
 def test_object_token_ablation_flips_more_answers_than_random_ablation(shapes_llava):
-    """Neo et al.'s central ablation result, on 64 fixed VQA questions (seed 0), buffer 1, mean ablation."""
+    """Neo et al.'s central ablation result, on 64 fixed VQA questions (seed 0), buffer 1, mean ablation: the
+    object's tokens against as many random tokens, and against as many random tokens outside the object (which
+    cannot borrow the object's own tokens), each paired on the same questions."""
     _, _, adapter = shapes_llava
     items = L.make_items("vqa", 64, 0, adapter.image_size)
-    obj = L.ablation_flips(adapter, items, "vqa", "object", buffer=1, seed=0)
-    rnd = L.ablation_flips(adapter, items, "vqa", "random", buffer=1, seed=0)
-    outside = L.ablation_flips(adapter, items, "vqa", "random_outside", buffer=1, seed=0)
-    assert obj["initially_correct"] >= 40  # enough correct answers to measure flips on (measured: 62 of 64)
-    # Non-overlapping bootstrap 95% CIs: the gap is not sampling noise of this set of questions. Against random
-    # tokens drawn outside the object too, so the control cannot borrow the object's own tokens.
-    assert obj["ci_low"] > rnd["ci_high"], (obj, rnd)
-    assert outside["overlap"] < rnd["overlap"] and obj["ci_low"] > outside["ci_high"], (obj, outside)
+    jobs = [(method, 1, "mean") for method in ("object", "random", "random_outside")]
+    records = L.ablation_records(adapter, items, "vqa", jobs)
+    records, _ = L.common_items(records)
+    paired = L.paired_flips(records).set_index("control")
+    assert paired.n.min() >= 40, paired  # enough correct answers to measure flips on (measured: 62 of 64)
+    # Exact McNemar at 5% on the questions that one selection flips and the other does not: the gap is not
+    # sampling noise of this set of questions (measured before this test was paired: 95% intervals apart).
+    assert (paired.verdict == "higher").all() and (paired.p_value < 0.05).all(), paired
+    overlap = records.groupby("method").overlap.mean()
+    assert overlap["random_outside"] < overlap["random"], overlap
 
 
 @pytest.mark.phenomenon
 def test_object_to_last_knockout_hurts_far_more_than_non_object_to_last(shapes_llava):
-    """Blocking the answer position from the object's tokens in all layers vs from every other visual token."""
+    """Blocking the answer position from the object's tokens in all layers vs from every other visual token, paired
+    on the same 32 questions (seed 1)."""
     _, _, adapter = shapes_llava
     items = L.make_items("vqa", 32, 1, adapter.image_size)
-    df = L.knockout_curve(adapter, items, windows=[list(range(adapter.n_layers))],
-                          knockouts=("object → last", "non-object → last")).set_index("knockout")
-    obj, non = df.loc["object → last"], df.loc["non-object → last"]
-    # "Far more": the intervals do not overlap and the mean drop is at least twice as large, although the
-    # non-object set has several times more tokens.
-    assert obj["ci_low"] > non["ci_high"] and obj["drop"] > 2 * non["drop"], df
+    records = L.knockout_records(adapter, items, windows={"all": list(range(adapter.n_layers))},
+                                 knockouts=("object → last", "non-object → last"))
+    paired = L.paired_knockouts(records, "object → last", "non-object → last").iloc[0]
+    means = records[records.correct].groupby("knockout")["drop"].mean()
+    # "Far more": the paired difference's bootstrap 95% interval lies above zero, and the mean drop is at least
+    # twice as large, although the non-object set has several times more tokens.
+    assert paired.verdict == "higher" and paired.ci_low > 0, paired
+    assert means["object → last"] > 2 * means["non-object → last"], means
 
 
 def test_count_matched_controls_select_as_many_tokens_as_the_object(tiny):
@@ -232,8 +250,8 @@ def test_controls_outside_the_object_never_pick_its_tokens_and_say_their_overlap
 def test_the_ablation_table_has_a_row_per_condition_with_intervals(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
     _, _, adapter = tiny
-    table = L.ablation_table(adapter, settings=("vqa", "polling"), methods=("object", "random"), buffers=(0, 1),
-                             n=4, seed=0)
+    table = L.ablation_table(adapter, L.AblationSpec(settings=("vqa", "polling"), methods=("object", "random"),
+                                                     buffers=(0, 1), n=4, seed=0))
     assert len(table) == 2 * 2 * 2
     assert set(table.columns) >= {"setting", "method", "buffer", "mode", "initially_correct", "flip_rate",
                                   "ci_low", "ci_high"}
@@ -254,8 +272,8 @@ def test_the_ablation_table_computes_attributions_once_per_batch(tiny, monkeypat
         return ig(*args, **kwargs)
 
     monkeypatch.setattr(I, "integrated_gradients", counted)
-    L.ablation_table(adapter, settings=("vqa",), methods=L.METHODS_WITH_OUTSIDE, buffers=(0, 1, 2), n=4,
-                     batch_size=2)
+    L.ablation_table(adapter, L.AblationSpec(settings=("vqa",), methods=L.METHODS_WITH_OUTSIDE, buffers=(0, 1, 2),
+                                             n=4, batch_size=2))
     assert calls["ig"] == 2  # two batches: one attribution each, reused by three buffers and the twin outside
 
 
@@ -263,7 +281,8 @@ def test_every_row_of_the_ablation_table_equals_the_row_computed_alone(shapes_ll
     """Shared work changes no result: each control draws from its own seeded generator."""
     _, _, adapter = shapes_llava
     methods = ("object", "random", "high_norm")  # the high-gradient scores are shared as tested above
-    table = L.ablation_table(adapter, settings=("vqa",), methods=methods, buffers=(0, 2), n=6, batch_size=6)
+    table = L.ablation_table(adapter, L.AblationSpec(settings=("vqa",), methods=methods, buffers=(0, 2), n=6,
+                                                     batch_size=6))
     assert table.initially_correct.min() > 0 and table.flip_rate.nunique() > 1
     items = L.make_items("vqa", 6, 0, adapter.image_size)
     for row in table.itertuples():
@@ -285,7 +304,7 @@ def test_nothing_answered_right_is_said_plainly(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
     _, _, adapter = tiny
     with pytest.warns(UserWarning, match="answered correctly before the intervention.*question_suffix"):
-        table = L.ablation_table(adapter, settings=("vqa",), methods=("object",), buffers=(1,), n=3)
+        table = L.ablation_table(adapter, L.AblationSpec(settings=("vqa",), methods=("object",), buffers=(1,), n=3))
     assert table.initially_correct.iloc[0] == 0 and np.isnan(table.flip_rate.iloc[0])
     assert "vqa question of 3" in L.explain_unanswered(table)
 

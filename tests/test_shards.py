@@ -33,9 +33,9 @@ def test_missing_parts_are_named(tmp_path):
 def test_two_ablation_shards_equal_one_run(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("VLMINTERP_CACHE", str(tmp_path))
     _, _, adapter = tiny
-    kwargs = dict(settings=("vqa", "polling"), buffers=(0, 1), n=5, batch_size=2)
-    whole = L.ablation_sweep(adapter, **kwargs)
-    parts = [L.ablation_sweep(adapter, **kwargs, shard=f"{i}/2") for i in range(2)]
+    spec = L.AblationSpec(settings=("vqa", "polling"), buffers=(0, 1), n=5, batch_size=2)
+    whole = L.ablation_sweep(adapter, spec)
+    parts = [L.ablation_sweep(adapter, spec, shard=f"{i}/2") for i in range(2)]
     assert 0 < len(parts[1]) < len(whole)
     merged = pd.concat(parts).sort_values(["setting", "method", "buffer", "item"]).reset_index(drop=True)
     assert merged.equals(whole.sort_values(["setting", "method", "buffer", "item"]).reset_index(drop=True))

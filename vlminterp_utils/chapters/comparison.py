@@ -69,8 +69,9 @@ def headline_records(adapter, n_items: int, seed: int = 0, batch_size: int = 16,
     many random tokens outside it, flips an answer that was right (`value` 1 or 0); and the relative drop of the
     answer's probability when the answer position cannot attend to the object's tokens, or to all other visual
     tokens, in every layer (on the items answered right). Items are numbered alike on every model."""
-    records = L.ablation_sweep(adapter, settings=("vqa",), methods=("object", "random_outside"), buffers=(1,),
-                               n=n_items, seed=seed, batch_size=batch_size, **style)
+    spec = L.AblationSpec(settings=("vqa",), methods=("object", "random_outside"), buffers=(1,), n=n_items,
+                          seed=seed, batch_size=batch_size, **style)
+    records = L.ablation_sweep(adapter, spec)
     records, _ = L.common_items(records)
     right = records[records.before]
     rows = [right.assign(measure="ablation: " + right.method, value=(~right.after).astype(float))]

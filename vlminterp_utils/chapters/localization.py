@@ -28,6 +28,47 @@ METHODS_WITH_OUTSIDE = METHODS[:1] + tuple(x for m in METHODS[1:] for x in (m, m
 SETTINGS = ("vqa", "polling", "generative")
 
 
+@dataclass(frozen=True)
+class AblationSpec:
+    """One ablation experiment, described once: which questions, which token selections, how they are replaced.
+
+    A chapter builds it from its parameters and hands it to `ablation_sweep`, `ablation_table` and
+    `noise_filter_sweep`, which all make the same questions from it; `workshop.sweep` rebuilds it on every
+    process of a sharded run. `outside_buffers`: the buffers at which the `..._outside` controls run (None: all
+    of `buffers`; they cost as much as the plain ones)."""
+
+    settings: tuple[str, ...] = SETTINGS
+    methods: tuple[str, ...] = METHODS
+    buffers: tuple[int, ...] = (0, 1, 2)
+    modes: tuple[str, ...] = ("mean",)
+    n: int = 64  # questions per setting
+    seed: int = 0
+    question_suffix: str = ""  # e.g. " Answer with one word." (LLaVA-1.5's short-answer prompt)
+    answer_prefix: str = ""  # what the answer starts with, e.g. "It is a" (Neo et al.)
+    batch_size: int = 16  # bounds memory: the high-gradient control backpropagates through the LLM
+    ig_steps: int = 8  # Riemann steps of the integrated gradients the high-gradient control ranks tokens by
+    outside_buffers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(SETTINGS)}")
+        unknown = [m for m in self.methods if m not in METHODS_WITH_OUTSIDE]
+        if unknown:
+            raise ValueError(f"unknown token selection {unknown[0]!r}; known: {', '.join(METHODS_WITH_OUTSIDE)}")
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError(f"n and batch_size must be at least 1 (got n={self.n}, batch_size={self.batch_size})")
+
+    def jobs(self) -> list[tuple]:
+        """(method, buffer, mode) for every condition the spec asks for."""
+        return [(m, b, mo) for b in self.buffers for mo in self.modes for m in self.methods
+                if not (m.endswith(OUTSIDE) and self.outside_buffers is not None and b not in self.outside_buffers)]
+
+    def items(self, setting: str, image_size: int) -> list["Item"]:
+        """The questions of one setting, in the spec's answer style."""
+        return make_items(setting, self.n, self.seed, image_size, self.question_suffix, self.answer_prefix)
+
+
 @dataclass
 class Item:
     """A question about one target object of a scene, asked in a model's own answer style."""
@@ -195,9 +236,7 @@ def ablation_records(adapter, items: list[Item], setting: str, jobs: list[tuple]
     the other jobs nor on the shard (`core.shards`) that computes it."""
     mean_token = I.mean_visual_token(adapter) if mean_token is None else mean_token
     records = []
-    n_batches = -(-len(items) // batch_size)
-    for b in shards.units(n_batches, shard):
-        chunk = items[b * batch_size:(b + 1) * batch_size]
+    for b, chunk in shards.batches(items, batch_size, shard):
         batch = batch_of(adapter, chunk)
         before = _correct(adapter, chunk, batch, setting)
         # Once per batch and ranking: a control and its twin outside the object share their scores.
@@ -303,20 +342,14 @@ def explain_unanswered(table: pd.DataFrame) -> str:
     return "\n".join(unanswered_note(s, int(g.n.iloc[0])) for s, g in empty.groupby("setting", sort=False))
 
 
-def ablation_sweep(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
-                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16, shard: str | None = None, ig_steps: int = 8,
-                   outside_buffers=None) -> pd.DataFrame:
-    """The per-item records behind `ablation_table`, for every setting; `shard="i/n"` computes one part of them.
-    `ig_steps`: Riemann steps of the integrated gradients the high-gradient control ranks tokens by.
-    `outside_buffers`: the buffers at which the `_outside` controls run (default: all `buffers`)."""
+def ablation_sweep(adapter, spec: AblationSpec, shard: str | None = None) -> pd.DataFrame:
+    """The per-item records behind `ablation_table`, for every setting of `spec`; `shard="i/n"` computes one part
+    of them (`core.shards`)."""
     mean_token = I.mean_visual_token(adapter)
-    jobs = [(m, b, mo) for b in buffers for mo in modes for m in methods
-            if not (m.endswith(OUTSIDE) and outside_buffers is not None and b not in outside_buffers)]
     parts = []
-    for setting in tqdm(settings, desc="ablations"):
-        items = make_items(setting, n, seed, adapter.image_size, question_suffix, answer_prefix)
-        parts.append(ablation_records(adapter, items, setting, jobs, seed, batch_size, mean_token, shard, ig_steps))
+    for setting in tqdm(spec.settings, desc="ablations"):
+        parts.append(ablation_records(adapter, spec.items(setting, adapter.image_size), setting, spec.jobs(),
+                                      spec.seed, spec.batch_size, mean_token, shard, spec.ig_steps))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -341,8 +374,7 @@ def noise_filter(adapter, items: list[Item], setting: str, seed: int = 0, batch_
     patches noised (`noised`); `kept` when the first holds and the second does not, so that the answer is known
     to need the object's pixels rather than the question's priors or the rest of the scene."""
     rows = []
-    for b in range(-(-len(items) // batch_size)):
-        chunk = items[b * batch_size:(b + 1) * batch_size]
+    for b, chunk in shards.batches(items, batch_size):
         rng = np.random.default_rng([seed, b])
         noised = [noised_object(adapter, it, rng) for it in chunk]
         clean = _correct(adapter, chunk, batch_of(adapter, chunk), setting)
@@ -353,26 +385,18 @@ def noise_filter(adapter, items: list[Item], setting: str, seed: int = 0, batch_
     return pd.DataFrame(rows, columns=["setting", "item", "clean", "noised", "kept"])
 
 
-def noise_filter_sweep(adapter, settings=SETTINGS, n: int = 64, seed: int = 0, question_suffix: str = "",
-                       answer_prefix: str = "", batch_size: int = 16) -> pd.DataFrame:
-    """`noise_filter` on the items `ablation_sweep` makes for each setting (same `n`, `seed` and answer style),
-    so that its `kept` rows select records of the sweep: `records.merge(kept[kept.kept][["setting", "item"]])`."""
-    return pd.concat([noise_filter(adapter, make_items(s, n, seed, adapter.image_size, question_suffix,
-                                                       answer_prefix), s, seed, batch_size)
-                      for s in tqdm(settings, desc="noise filter")], ignore_index=True)
+def noise_filter_sweep(adapter, spec: AblationSpec) -> pd.DataFrame:
+    """`noise_filter` on the questions `ablation_sweep` makes from the same `spec`, so that its `kept` rows select
+    records of the sweep: `records.merge(kept[kept.kept][["setting", "item"]])`."""
+    return pd.concat([noise_filter(adapter, spec.items(s, adapter.image_size), s, spec.seed, spec.batch_size)
+                      for s in tqdm(spec.settings, desc="noise filter")], ignore_index=True)
 
 
-def ablation_table(adapter, settings=SETTINGS, methods=METHODS, buffers=(0, 1, 2), modes=("mean",),
-                   n: int = 64, seed: int = 0, question_suffix: str = "", answer_prefix: str = "",
-                   batch_size: int = 16, ig_steps: int = 8, outside_buffers=None) -> pd.DataFrame:
-    """Flip rates with 95% intervals for every setting, token selection, buffer and ablation mode.
-
-    `batch_size` bounds memory: the high-gradient control backpropagates through the LLM (lower it for a 7B
-    model on a 16 GB GPU). `outside_buffers` limits the `_outside` controls to some buffers (they cost as much as
-    the plain ones)."""
-    records = ablation_sweep(adapter, settings, methods, buffers, modes, n, seed, question_suffix, answer_prefix,
-                             batch_size, ig_steps=ig_steps, outside_buffers=outside_buffers)
-    table = flip_table(records, seed)
+def ablation_table(adapter, spec: AblationSpec) -> pd.DataFrame:
+    """Flip rates with exact 95% intervals for every setting, token selection, buffer and ablation mode of `spec`,
+    on one common set of questions per condition (`common_items`)."""
+    records, _ = common_items(ablation_sweep(adapter, spec))
+    table = flip_table(records, spec.seed)
     if note := explain_unanswered(table):
         warnings.warn(note, stacklevel=2)
     return table
@@ -442,8 +466,7 @@ def knockout_records(adapter, items: list[Item], window: int = 5, batch_size: in
     `knockouts` names the ones to run (default: all of `knockout_blocks`)."""
     windows = named_windows(windows or I.layer_windows(adapter.n_layers, window))
     records = []
-    for b in shards.units(-(-len(items) // batch_size), shard):
-        chunk = items[b * batch_size:(b + 1) * batch_size]
+    for b, chunk in shards.batches(items, batch_size, shard):
         batch = batch_of(adapter, chunk)
         clean = I.CleanRun(adapter, batch)
         answers, correct = models_own_answer(adapter, clean.logits, chunk)

@@ -34,6 +34,15 @@ def units(n_units: int, shard: str | None) -> list[int]:
     return list(range(i, n_units, n))
 
 
+def batches(items: list, batch_size: int, shard: str | None = None):
+    """(batch index, the items of that batch) for every batch of `batch_size` items that this shard computes
+    (every batch without a shard): the one batching loop of the chapters' sweeps."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+    for b in units(-(-len(items) // batch_size), shard):
+        yield b, items[b * batch_size:(b + 1) * batch_size]
+
+
 def from_environment() -> str | None:
     """This process's shard under torchrun / accelerate launch ('RANK/WORLD_SIZE'), or None when run alone."""
     rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")

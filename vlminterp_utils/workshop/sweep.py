@@ -23,7 +23,7 @@ from ..core.models import load_vlm
 from ..core.storage import atomic_path
 
 SWEEPS = ("ablation", "knockout", "mimic", "index")
-CONCEPTS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square")]  # chapter 3's
+CONCEPTS = list(inversion.HELD_OUT_CONCEPTS[:4])  # chapter 3's
 
 
 def _device(requested: str | None) -> str | None:
@@ -38,8 +38,9 @@ def run(sweep: str, out: Path, shard: str | None, model: str = "shapes-llava", n
     """Compute one shard of a sweep and write it into `out`; returns the part's path."""
     _, _, adapter = load_vlm(model, device=_device(device))
     if sweep == "ablation":
-        records = localization.ablation_sweep(adapter, n=n, seed=seed, question_suffix=question_suffix,
-                                              answer_prefix=answer_prefix, batch_size=batch_size, shard=shard)
+        spec = localization.AblationSpec(n=n, seed=seed, question_suffix=question_suffix,
+                                         answer_prefix=answer_prefix, batch_size=batch_size)
+        records = localization.ablation_sweep(adapter, spec, shard=shard)
         return shards.save_table(records, out, sweep, shard)
     if sweep == "knockout":
         items = localization.make_items("vqa", n, seed, adapter.image_size, question_suffix, answer_prefix)
@@ -51,8 +52,8 @@ def run(sweep: str, out: Path, shard: str | None, model: str = "shapes-llava", n
                                                 shard=shard)
         folder = out / "mimic_images"
         folder.mkdir(parents=True, exist_ok=True)
-        for (name, s, color, shape), image in images.items():
-            with atomic_path(folder / f"{name}_{s}_{color}_{shape}.png") as tmp:
+        for (name, s, color, shape, repeat), image in images.items():
+            with atomic_path(folder / f"{name}_{s}_{color}_{shape}_{repeat}.png") as tmp:
                 image.save(tmp, format="png")
         return shards.save_table(table, out, sweep, shard)
     if sweep == "index":
