@@ -36,7 +36,8 @@ def test_a_card_refuses_a_verdict_it_does_not_know():
 
 def test_an_interval_prints_with_enough_decimals_to_show_its_width():
     assert report.interval_text(0.5, 0.25, 0.75) == "50% [25%, 75%]"
-    assert report.interval_text(0.0001, -0.0004, 0.0012) == "0.0% [0.0%, 0.1%]"  # one decimal tells them apart
+    assert report.interval_text(0.0001, -0.0004, 0.0012) == "0.01% [-0.04%, 0.12%]"  # no end printed as 0
+    assert report.interval_text(0.02, 0.003, 0.04, signed=True) == "+2.0% [+0.3%, +4.0%]"  # clear of zero
     assert report.interval_text(0.00002, -0.00004, 0.00001) == "0.002% [-0.004%, 0.001%]"
     assert report.interval_text(0.1, 0.05, 0.2, signed=True) == "+10% [+5%, +20%]"
     assert report.interval_text(float("nan"), 0, 1) == "n/a"

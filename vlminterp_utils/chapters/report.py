@@ -34,13 +34,16 @@ def glue_all(values: dict, prefix: str = "") -> dict:
 
 
 def interval_text(value: float, low: float, high: float, signed: bool = False) -> str:
-    """"v [low, high]" in percent, with the fewest decimals (up to 3) at which the two ends print apart, so that a
-    narrow interval never reads as a point; "n/a" without a value."""
+    """"v [low, high]" in percent, with the fewest decimals (up to 3) at which the two ends print apart and no
+    end that is not zero prints as zero, so that a narrow interval never reads as a point, nor an interval clear
+    of zero as touching it; "n/a" without a value."""
     if value != value:  # NaN
         return "n/a"
     sign = "+" if signed else ""
     for decimals in range(4):
-        if round(low * 100, decimals) != round(high * 100, decimals) or low == high:
+        apart = round(low * 100, decimals) != round(high * 100, decimals) or low == high
+        hidden = any(x != 0 and round(x * 100, decimals) == 0 for x in (low, high))
+        if apart and not hidden:
             break
     value, low, high = (0.0 if round(x * 100, decimals) == 0 else x for x in (value, low, high))  # no "-0%"
     return f"{value:{sign}.{decimals}%} [{low:{sign}.{decimals}%}, {high:{sign}.{decimals}%}]"
