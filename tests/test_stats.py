@@ -94,8 +94,6 @@ def test_mean_interval_uses_student_t():
     mean, lo, hi = stats.mean_interval([1.0, 2.0, 3.0])
     assert mean == 2 and hi - mean == pytest.approx(4.302653 / np.sqrt(3))  # t(0.975, 2) = 4.3027
     assert np.isnan(stats.mean_interval([1.0])[1])
-    mean, lo, hi = stats.cluster_bootstrap_mean([1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1])
-    assert mean == 0.5 and lo == 0.0 and hi == 1.0  # two clusters: all of one or all of the other
 
 
 def test_clustered_yes_no_pairs_that_never_disagree_prove_no_equivalence_on_few_units():

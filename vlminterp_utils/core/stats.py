@@ -4,9 +4,9 @@ A measured number in this book is a comparison, made on one common set of items:
   - a proportion (a flip rate, a share of recognised images) gets an exact Clopper-Pearson interval, never the
     zero-width interval a bootstrap gives for 0 of 24; where its units are correlated (patches of one image,
     inversions of one concept) the interval is widened by the design effect of those clusters (Korn & Graubard);
-  - two conditions measured on the same items are compared *paired*: the exact McNemar test for two yes/no
-    outcomes per item, and a bootstrap that resamples the shared units (items, or clusters of them) for a
-    difference of means or shares;
+  - two conditions measured on the same items are compared *paired*: for two yes/no outcomes per item, the exact
+    McNemar test and Tango's score interval of the difference (on an effective sample size for clustered items);
+    for other values, a bootstrap that resamples the shared units (items, or clusters of them);
   - "no effect" is claimed only by an equivalence test against a stated margin (two one-sided tests); without it
     the verdict is "cannot tell".
 
@@ -21,8 +21,7 @@ from scipy import stats as sps
 from scipy.optimize import brentq
 
 LEVEL = 0.95
-HIGHER, LOWER, EQUIVALENT, CANNOT_TELL = "higher", "lower", "equivalent", "cannot tell"
-VERDICTS = (HIGHER, LOWER, EQUIVALENT, CANNOT_TELL)
+HIGHER, LOWER, EQUIVALENT, CANNOT_TELL = "higher", "lower", "equivalent", "cannot tell"  # a paired verdict
 
 
 def flip_rate(correct_before: Sequence[bool], correct_after: Sequence[bool]) -> float:
@@ -112,8 +111,7 @@ def mcnemar_exact(first, second) -> dict:
     return {"only_first": b, "only_second": c, "n": first.size, "p_value": p}
 
 
-def paired_bootstrap(first, second, clusters=None, n_boot: int = 2000, seed: int = 0,
-                     level: float = LEVEL) -> np.ndarray:
+def paired_bootstrap(first, second, clusters=None, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     """Bootstrap replicates of mean(first) - mean(second), resampling whole clusters of paired units (each unit
     its own cluster by default). `first[i]` and `second[i]` were measured on the same unit i."""
     first, second = np.asarray(first, float), np.asarray(second, float)
@@ -151,7 +149,7 @@ def paired_difference(first, second, clusters=None, margin: float | None = None,
         if clusters is None:  # the exact test decides a difference; the interval says how large
             return {**out, "ci_low": low, "ci_high": high, **compare_binary(first, second, margin, level)}
         return {**out, "ci_low": low, "ci_high": high, "verdict": compare(low, high, margin, tost)}
-    boot = paired_bootstrap(first, second, clusters, n_boot, seed, level)
+    boot = paired_bootstrap(first, second, clusters, n_boot, seed)
     low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     tost = np.quantile(boot, [1 - level, level])
     return {**out, "ci_low": float(low), "ci_high": float(high),
@@ -238,15 +236,4 @@ def mean_interval(values) -> tuple[float, float, float]:
     if len(values) < 2:
         return mean, float("nan"), float("nan")
     half = sps.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def cluster_bootstrap_mean(values, clusters, n_boot: int = 2000, seed: int = 0,
-                           level: float = LEVEL) -> tuple[float, float, float]:
-    """Mean with a percentile interval that resamples whole clusters (images, concepts)."""
-    values = np.asarray(values, float)
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    boot = paired_bootstrap(values, np.zeros_like(values), clusters, n_boot, seed, level)
-    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
+    return mean, float(mean - half), float(mean + half)
