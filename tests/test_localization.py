@@ -332,3 +332,13 @@ def test_the_noise_filter_noises_exactly_the_objects_patches_and_keeps_what_nois
     table = L.noise_filter(adapter, items, "vqa", batch_size=2)
     assert table.item.tolist() == [0, 1, 2]
     assert (table.kept == (table.clean & ~table.noised)).all()
+
+
+def test_flip_rates_split_by_object_size(tiny):
+    _, _, adapter = tiny
+    spec = L.AblationSpec(settings=("vqa",), n=6)
+    sizes = L.object_sizes(adapter, spec)
+    assert len(sizes) == 6 and (sizes.object_tokens > 0).all() and (sizes.object_share <= 1).all()
+    records = _records([("object", i, True, i % 2 == 0) for i in range(6)])
+    table = L.flips_by_size(records, sizes, bins=2)
+    assert table["n"].sum() == 6 and table["size"].str.endswith("tokens").all()

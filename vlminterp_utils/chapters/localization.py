@@ -308,6 +308,31 @@ def paired_flips(records: pd.DataFrame, first: str = "object", margin: float | N
                                        "difference", "ci_low", "ci_high", "p_value", "verdict"])
 
 
+def object_sizes(adapter, spec: AblationSpec) -> pd.DataFrame:
+    """Per setting and question of `spec`: how many visual tokens the target object touches (buffer 0) and the
+    share of the image's patch tokens that is (`records.merge(sizes)` adds them to the sweep's records)."""
+    rows = []
+    for setting in spec.settings:
+        for i, it in enumerate(spec.items(setting, adapter.image_size)):
+            touched = int(I.object_tokens(adapter, it.example.scene, 0, [it.target]).sum())
+            patches = int(adapter.patch_tokens(it.example.scene.image.size).sum())
+            rows.append({"setting": setting, "item": i, "object_tokens": touched, "object_share": touched / patches})
+    return pd.DataFrame(rows, columns=["setting", "item", "object_tokens", "object_share"])
+
+
+def flips_by_size(records: pd.DataFrame, sizes: pd.DataFrame, bins: int = 3) -> pd.DataFrame:
+    """Flip rates (exact intervals) per setting, selection, buffer and mode, split into `bins` groups of the
+    object's size in tokens (equal-count bins over the questions; the `size` column names each by its range)."""
+    sized = records.merge(sizes, on=["setting", "item"])
+    edges = np.unique(np.quantile(sized.object_tokens, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # every object the same size: one group
+        sized["size"] = f"{int(edges[0])} tokens"
+    else:
+        labels = [f"{int(a)}-{int(b)} tokens" for a, b in zip(edges[:-1], edges[1:])]
+        sized["size"] = pd.cut(sized.object_tokens, edges, labels=labels, include_lowest=True).astype(str)
+    return flip_table(sized, by=("setting", "method", "buffer", "mode", "size"))
+
+
 def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=("random", "high_gradient"),
                       seed: int = 0, batch_size: int = 16, mean_token: torch.Tensor | None = None,
                       mode: str = "mean", ig_steps: int = 8) -> pd.DataFrame:
