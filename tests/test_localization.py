@@ -342,3 +342,5 @@ def test_flip_rates_split_by_object_size(tiny):
     records = _records([("object", i, True, i % 2 == 0) for i in range(6)])
     table = L.flips_by_size(records, sizes, bins=2)
     assert table["n"].sum() == 6 and table["size"].str.endswith("tokens").all()
+    lower = table["size"].str.extract(r"^(\d+)")[0].astype(int)
+    assert lower.is_monotonic_increasing  # the smallest objects first

@@ -330,7 +330,9 @@ def flips_by_size(records: pd.DataFrame, sizes: pd.DataFrame, bins: int = 3) -> 
     else:
         labels = [f"{int(a)}-{int(b)} tokens" for a, b in zip(edges[:-1], edges[1:])]
         sized["size"] = pd.cut(sized.object_tokens, edges, labels=labels, include_lowest=True).astype(str)
-    return flip_table(sized, by=("setting", "method", "buffer", "mode", "size"))
+    table = flip_table(sized, by=("setting", "method", "buffer", "mode", "size"))
+    smallest_first = table["size"].str.extract(r"^(\d+)")[0].astype(int)
+    return table.iloc[np.argsort(smallest_first.to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def fixed_count_sweep(adapter, items: list[Item], setting: str, counts, methods=("random", "high_gradient"),
