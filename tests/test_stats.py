@@ -67,6 +67,9 @@ def test_verdicts_come_from_the_paired_difference():
     assert stats.compare(-0.02, 0.03) == "cannot tell"  # no margin stated: nothing is called equivalent
     assert stats.compare(-0.02, 0.03, margin=0.05) == "equivalent"
     assert stats.compare(-0.02, 0.06, margin=0.05) == "cannot tell"
+    # clear of zero but inside the margin: a difference too small to matter (the margin is stated in advance)
+    assert stats.compare(0.01, 0.03, margin=0.05, tost_interval=(0.012, 0.028)) == "equivalent"
+    assert stats.compare(0.01, 0.03) == "higher"  # the same interval with no margin stated
     assert stats.compare(float("nan"), 0.1) == "cannot tell"
 
 

@@ -195,32 +195,34 @@ def paired_design_effect(first, second, clusters, n_boot: int = 2000, seed: int 
 
 def compare(ci_low: float, ci_high: float, margin: float | None = None,
             tost_interval: tuple[float, float] | None = None) -> str:
-    """The verdict on a paired difference from its interval: "higher" or "lower" when the interval excludes 0;
-    "equivalent" when the TOST interval (the 90% interval for a 95% claim; the 95% one if none is given) lies
-    within (-margin, margin); otherwise "cannot tell". Without a margin nothing is called equivalent."""
+    """The verdict on a paired difference from its interval: "equivalent" when a `margin` is stated and the TOST
+    interval (the 90% interval for a 95% claim; the 95% one if none is given) lies within (-margin, margin), even
+    if it also excludes 0 (a difference too small to matter is no effect); else "higher" or "lower" when the
+    interval excludes 0; otherwise "cannot tell". Without a margin nothing is called equivalent."""
     if np.isnan(ci_low) or np.isnan(ci_high):
         return CANNOT_TELL
-    if ci_low > 0:
-        return HIGHER
-    if ci_high < 0:
-        return LOWER
     low, high = tost_interval or (ci_low, ci_high)
     if margin is not None and -margin < low and high < margin:
         return EQUIVALENT
-    return CANNOT_TELL
+    if ci_low > 0:
+        return HIGHER
+    return LOWER if ci_high < 0 else CANNOT_TELL
 
 
 def compare_binary(first, second, margin: float | None = None, level: float = LEVEL) -> dict:
-    """The verdict on two yes/no outcomes per item: exact McNemar for a difference; "equivalent" only when the
-    exact one-sided upper bound on the share of discordant items (which bounds |difference| from above) is below
-    `margin`. 0 discordant items of 24 bound it at 12%, so 24 items never show equivalence within 5 points."""
+    """The verdict on two yes/no outcomes per item: "equivalent" when a `margin` is stated and the exact one-sided
+    upper bound on the share of discordant items (which bounds |difference| from above) is below it (0 discordant
+    items of 24 bound it at 12%, so 24 items never show equivalence within 5 points); else exact McNemar decides a
+    difference; otherwise "cannot tell"."""
     test = mcnemar_exact(first, second)
     discordant = test["only_first"] + test["only_second"]
-    if test["p_value"] < 1 - level:
+    bound = sps.binomtest(discordant, test["n"], alternative="less").proportion_ci(level).high
+    if margin is not None and bound < margin:
+        verdict = EQUIVALENT
+    elif test["p_value"] < 1 - level:
         verdict = HIGHER if test["only_first"] > test["only_second"] else LOWER
     else:
-        bound = sps.binomtest(discordant, test["n"], alternative="less").proportion_ci(level).high
-        verdict = EQUIVALENT if margin is not None and bound < margin else CANNOT_TELL
+        verdict = CANNOT_TELL
     return {"p_value": test["p_value"], "only_first": test["only_first"], "only_second": test["only_second"],
             "verdict": verdict}
 
