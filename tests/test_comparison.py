@@ -51,8 +51,9 @@ def _hits(first, second, n_images=20, patches=10, seed=0):
 
 @pytest.mark.parametrize("second, verdict", [
     ([0.6, 0.6, 0.6, None], "higher on most layers"),  # 200 patches a layer: 50 points is many intervals wide
-    ([0.6, None, None, None], "higher on a few layers only"),
-    ([0.1, 0.1, 0.1, 0.1], "cannot tell"),  # two independent readers at 10%: no layer pinned within 5 points
+    ([0.6, None, None, None], "within the margin on most layers"),  # identical readings pin 0 within 5 points
+    ([0.6, 0.1, 0.1, 0.1], "higher on a few layers only"),  # independent readers at 10%: not pinned everywhere
+    ([0.1, 0.1, 0.1, 0.1], "cannot tell"),
 ])
 def test_the_paired_verdict_reads_each_layer_on_the_same_patches(second, verdict):
     hits = _hits([0.1] * 4, second)
@@ -68,7 +69,7 @@ def test_no_change_is_claimed_only_within_the_margin():
     hits = _hits([0.3] * 3, [None] * 3, n_images=100, patches=20)
     per_layer = comparison.paired_lens_difference(hits, "LogitLens", "a", "b")
     assert comparison.verdict(per_layer) == "within the margin on most layers"
-    assert comparison.OUTCOMES[comparison.verdict(per_layer)] == "did not make"
+    assert comparison.OUTCOMES[comparison.verdict(per_layer)].startswith("did not make")
     wide = comparison.paired_lens_difference(hits, "LogitLens", "a", "b", margin=0.0)
     assert comparison.verdict(wide) == "cannot tell"
 
@@ -132,10 +133,10 @@ def test_tuning_the_llm_by_lora_does_not_make_the_logit_lens_read_object_patches
     can see readable tokens on that model; the null is not a broken pipeline)."""
     above, hits = two_models_read
     per_layer = comparison.paired_lens_difference(hits, "LogitLens", "shapes-llava", "shapes-llava-tuned")
-    # Paired on the same 16 x object patches per layer, resampling scenes: no layer where the tuned model's logit
-    # lens is clearly higher. 31 layers at a 95% level would let about one layer through by chance were there a
-    # tiny real difference; the measured run had none, and the claim the page makes is "not higher".
-    assert len(per_layer) == 31 and (per_layer.verdict != "higher").all(), per_layer
+    # Paired on the same object patches of 16 scenes, resampling scenes: the page's claim, the tuned model's logit
+    # lens within 5 points of the base model's (two one-sided tests) on most layers. Chapter 4 in full (32 scenes)
+    # measured it on 30 of 31 layers; the other, layer 29, higher by 2.7 points [0.4, 5.6].
+    assert len(per_layer) == 31 and comparison.verdict(per_layer) == "within the margin on most layers", per_layer
     objects = above[above.kind == "object"]
     tuned = objects[objects.model == "shapes-llava-tuned"].set_index(["lens", "layer"])
     # Chapter 4 in full (32 scenes) measured at most 3.2 points above chance at any layer; on 16 scenes an

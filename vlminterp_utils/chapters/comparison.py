@@ -184,22 +184,22 @@ def paired_lens_difference(hits: pd.DataFrame, lens: str, first: str, second: st
 
 # What tuning did, by a lens's verdict: "Tuning the LLM {outcome} the lens a reader of the visual tokens".
 OUTCOMES = {"higher on most layers": "made",
+            "within the margin on most layers": "did not make, on most of its layers,",
             "higher on a few layers only": "made, on a few layers only,",
-            "within the margin on most layers": "did not make",
             "cannot tell": "may or may not have made (this run cannot tell which)"}
 
 
 def verdict(per_layer: pd.DataFrame) -> str:
-    """One phrase for a lens's per-layer verdicts: higher on most layers, on a few, equivalent within the margin on
-    most layers (and higher on none), or cannot tell."""
+    """One phrase for a lens's per-layer verdicts: clearly higher on most layers; else equivalent within the margin
+    on most layers; else higher on a few; else cannot tell. The page gives the counts beside it."""
     counts = per_layer.verdict.value_counts()
     layers = len(per_layer)
     higher, equivalent = counts.get(stats.HIGHER, 0), counts.get(stats.EQUIVALENT, 0)
     if layers and higher * 2 >= layers:
         return "higher on most layers"
-    if higher:
-        return "higher on a few layers only"
-    return "within the margin on most layers" if layers and equivalent * 2 > layers else "cannot tell"
+    if layers and equivalent * 2 > layers:
+        return "within the margin on most layers"
+    return "higher on a few layers only" if higher else "cannot tell"
 
 
 def page_numbers(result: ModelComparison, model_ids, kind: str = "object", margin: float = MARGIN) -> dict:
