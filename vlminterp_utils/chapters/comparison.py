@@ -8,6 +8,7 @@ tuned by LoRA, how far the updates moved the LLM's weights.
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def headline_records(adapter, n_items: int, seed: int = 0, batch_size: int = 16,
     records = L.ablation_sweep(adapter, spec)
     records, _ = L.common_items(records)
     right = records[records.before]
+    if right.empty:  # a model that answers nothing right has no flip to measure: say why the rows are NaN
+        warnings.warn(L.unanswered_note("vqa", n_items), stacklevel=2)
     rows = [right.assign(measure="ablation: " + right.method, value=(~right.after).astype(float))]
     items = L.make_items("vqa", n_items, seed + 1, adapter.image_size, **style)
     drops = L.knockout_records(adapter, items, windows={"all": list(range(adapter.n_layers))},
@@ -117,8 +120,11 @@ def compare_models(model_ids, n_images: int = 32, n_items: int = 24, corpus: str
         del model, adapter, index
         gc.collect()  # two LLMs' weights and indexes at once would double the peak memory for nothing
     items = pd.concat(items, ignore_index=True)
-    return ModelComparison(pd.concat(above, ignore_index=True), pd.concat(hits, ignore_index=True),
-                           headline_summary(items), items)
+    # every model and measure gets a row: NaN with n = 0 where a model answered nothing right (a random model)
+    every = pd.MultiIndex.from_product([list(model_ids), list(HEADLINE_KEYS)], names=["model", "measure"])
+    summary = headline_summary(items).set_index(["model", "measure"]).reindex(every)
+    summary = summary.fillna({"n": 0}).astype({"n": int}).reset_index()
+    return ModelComparison(pd.concat(above, ignore_index=True), pd.concat(hits, ignore_index=True), summary, items)
 
 
 @torch.no_grad()

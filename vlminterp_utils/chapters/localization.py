@@ -287,6 +287,17 @@ def common_items(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.rename("dropped").reset_index()
 
 
+def pick(table: pd.DataFrame, **equal) -> pd.Series:
+    """The first row of a paired table (`paired_flips`, `paired_knockouts`) whose columns equal `equal`, or, where
+    none does (a model that answered nothing right has nothing to pair), a row of NaNs that says "cannot tell"."""
+    rows = table
+    for column, value in equal.items():
+        rows = rows[rows[column] == value]
+    if len(rows):
+        return rows.iloc[0]
+    return pd.Series({c: np.nan for c in table.columns} | equal | {"verdict": stats.CANNOT_TELL})
+
+
 def paired_flips(records: pd.DataFrame, first: str = "object", margin: float | None = None) -> pd.DataFrame:
     """`first` against every other selection, paired on the items both were run on and answered right before:
     both flip rates, their difference with its paired bootstrap 95% interval, the exact McNemar p-value and the
@@ -547,10 +558,13 @@ def paired_knockouts(records: pd.DataFrame, first: str, second: str, margin: flo
 def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str) -> dict:
     """Knockout `knockout` in window `first` against the same knockout in window `second`: the mean difference of
     the drops on the items answered right that both ran on, with its paired bootstrap 95% interval and verdict."""
+    windows = set(records.window[records.knockout == knockout])
+    if not {first, second} <= windows:
+        raise ValueError(f"no window {first!r} or {second!r} for {knockout!r}; windows: {sorted(windows)}")
     part = records[records.correct & (records.knockout == knockout)]
+    if part.empty:  # nothing answered right: nothing to pair
+        return stats.paired_difference(np.array([]), np.array([]))
     drops = part.pivot_table(index="item", columns="window", values="drop", aggfunc="first")
-    if not {first, second} <= set(drops):
-        raise ValueError(f"no window {first!r} or {second!r} for {knockout!r}; windows: {sorted(drops)}")
     both = drops[[first, second]].dropna()
     return stats.paired_difference(both[first].to_numpy(), both[second].to_numpy())
 
