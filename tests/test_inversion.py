@@ -126,30 +126,25 @@ def test_gaussian_blur_keeps_flat_images_and_mass():
 def test_all_terms_make_recognisable_images_more_often_than_ce_alone(shapes_llava, seed):
     """MIMIC's point, on shapes-llava, on concepts the recipe was not tuned on: the first 6 of
     `inversion.HELD_OUT_CONCEPTS` (the chapter's four and two more; steps and learning rate were chosen on
-    `TUNING_CONCEPTS`), the default recipe (75 steps at lr 0.1; about 6 minutes on one CPU core per seed), each
-    seed a separate test so that two workers share them. The independent classifier names the target in more of
-    the full-recipe inversions than of the CE-only ones, on each of two seeds. Measured on the shipped weights
-    (`benchmarks/bench_mimic_recipe.py --concepts held-out --seed S`): all terms 3 of 6 on seed 0 and on seed 1
-    (purple square, red square, green circle), CE alone 1 of 6 on both (the green circle, which the judge names
-    for most textures: its chance hit). Strictly more on each seed is the claim; a tie needs two of the three
-    full-recipe hits to fail on one seed, so the test asks for no more."""
+    `TUNING_CONCEPTS`), the default recipe (75 steps at lr 0.1; about 6 minutes per seed), each seed a separate test
+    so that two workers share them.
+
+    Measured: `benchmarks/bench_mimic_recipe.py --concepts held-out --seed S` on one thread gave all terms 3 of 6
+    and CE alone 1 of 6 on seeds 0 and 1; inside `make test` (two workers) seed 0 gave 1 and 1. The rounding of
+    another thread count, amplified by 75 Adam steps, moves two of the three full-recipe hits: on held-out concepts
+    the advantage is that fragile at this size, and chapter 3's paired interval (concepts resampled) says "cannot
+    tell". So this test asks only what held on every run: the full recipe recognises at least as many as CE alone,
+    and at least one image. On the tuning concepts it was strictly more on both seeds (2 vs 0), which is no
+    evidence, since the recipe was chosen there."""
     _, _, adapter = shapes_llava
     concepts = list(V.HELD_OUT_CONCEPTS[:6])
     assert not set(concepts) & set(V.TUNING_CONCEPTS)
     recipes = {k: V.ABLATIONS[k] for k in ("CE only", "all")}
-    # One thread, as the benchmark measured it: 75 Adam steps amplify the rounding differences between thread
-    # counts, and on 2 threads seed 0 gave 1 of 6 for both recipes (make test of 2026-12-03). The effect on
-    # held-out concepts is that fragile; chapter 3 reports its paired interval, which says so.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        table, _ = V.ablation_grid(adapter, concepts, seeds=(seed,), base=V.InversionConfig(progress=False),
-                                   ablations=recipes)
-    finally:
-        torch.set_num_threads(threads)
+    table, _ = V.ablation_grid(adapter, concepts, seeds=(seed,), base=V.InversionConfig(progress=False),
+                               ablations=recipes)
     recognised = table.groupby("ablation").recognised.sum()
     print(f"seed {seed}, recognised of 6:", recognised.to_dict())
-    assert recognised["all"] > recognised["CE only"], table
+    assert recognised["all"] >= max(1, recognised["CE only"]), table
 
 
 def test_the_concepts_the_recipe_was_tuned_on_are_held_out_of_the_chapter():
