@@ -473,6 +473,29 @@ def judge_on_starts(judge, image_size: int, config: InversionConfig | None = Non
     return pd.Series([f"{c} {k}" for c, k in zip(colors, kinds)]).value_counts(normalize=True)
 
 
+def concept_names() -> list[str]:
+    """The world's 15 concepts, "colour shape", colour by colour: the rows and columns of a confusion matrix."""
+    return [f"{c} {k}" for c in shapes.COLORS for k in shapes.SHAPES]
+
+
+def confusion(truth, said) -> pd.DataFrame:
+    """A confusion matrix of concept names: per true (or aimed-at) concept, the share of images the judge named
+    as each concept (rows sum to 1; a concept with no image is a row of NaN)."""
+    names = concept_names()
+    counts = pd.crosstab(pd.Categorical(list(truth), names), pd.Categorical(list(said), names), dropna=False)
+    return counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0).rename_axis(index="truth", columns="judge")
+
+
+def judge_on_renders(judge, n: int = 300, seed: int = clf.HELD_OUT_SEED + 1) -> pd.DataFrame:
+    """The judge's positive control: its `confusion` on `n` one-object renders of the world, never trained on
+    (seeds past its held-out set). A judge that names renders right is one whose misses on inversions are the
+    inversions', not its own."""
+    scenes = clf.one_object_scenes(n, seed)
+    colors, kinds, _ = clf.predict(judge, clf.to_pixels([s.image for s in scenes]))
+    truth = [f"{s.objects[0].color} {s.objects[0].shape}" for s in scenes]
+    return confusion(truth, [f"{c} {k}" for c, k in zip(colors, kinds)])
+
+
 def paired_recipes(table: pd.DataFrame, first: str, second: str, column: str = "ablation",
                    outcome: str = "recognised") -> dict:
     """Recipe `first` against `second` on the inversions both ran from the same start (seed, concept, repeat): the

@@ -187,6 +187,54 @@ def model_lens_panels(above, kind: str = "object", size: tuple[float, float] = (
     return fig
 
 
+def confusion_panels(matrices: dict, size: float = 3.6):
+    """Confusion matrices side by side (a dict: title -> `inversion.confusion` table), the share of each row's
+    images the judge gave each name, on one colour scale from 0 to 1; rows without images stay blank."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(size * 1.3 * len(matrices), size), squeeze=False,
+                             layout="constrained")
+    for ax, (title, matrix) in zip(axes[0], matrices.items()):
+        image = ax.imshow(matrix.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        if matrix.index[0] not in matrix.columns:  # a first row that is no concept (e.g. the starting images)
+            ax.axhline(0.5, color="white", lw=2)
+        for i, name in enumerate(matrix.index):  # outline each row's right answer
+            if name in matrix.columns:
+                j = list(matrix.columns).index(name)
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1))
+        ticks = range(len(matrix.columns))
+        ax.set_xticks(ticks, matrix.columns, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(matrix.index)), matrix.index, fontsize=6)
+        ax.set_xlabel("the judge says", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].set_ylabel("the image shows (or aims at)", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the row's images")
+    return fig
+
+
+def dose_panel(doses, margin: float, title: str | None = None, ax=None):
+    """A paired difference per dose (chapter 4: each LoRA rank against the frozen-LLM twin), one colour per lens,
+    with its 95% interval as an error bar, the equivalence margin as a grey band and zero as a line. The ranks sit
+    on a log-2 axis, a little apart per lens so that the bars do not hide each other."""
+    ax = ax or plt.subplots(figsize=(6, 3.4))[1]
+    lens_names = list(dict.fromkeys(doses.lens))
+    for j, lens in enumerate(lens_names):
+        part = doses[doses.lens == lens].sort_values("rank")
+        xs = part["rank"].to_numpy(float) * 2 ** ((j - (len(lens_names) - 1) / 2) * 0.12)
+        err = np.stack([part.difference - part.ci_low, part.ci_high - part.difference])
+        ax.errorbar(xs, part.difference, yerr=err, marker="o", capsize=3, color=f"C{j}", label=lens)
+    ax.axhspan(-margin, margin, color="grey", alpha=0.15, label=f"margin ±{margin:.0%}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ranks = sorted(set(doses["rank"].dropna().astype(int)))
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("difference in share read right")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
 def bars_with_ci(df, group: str, bar: str, y: str = "flip_rate", ax=None, title: str | None = None,
                  legend: bool = True, twin_suffix: str = "_outside"):
     """Grouped bars (`bar` within `group`) with error bars from the `ci_low` / `ci_high` columns.
