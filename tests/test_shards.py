@@ -51,6 +51,26 @@ def test_two_knockout_shards_equal_one_run(tiny):
     assert parts.sort_values(key).reset_index(drop=True).equals(whole.sort_values(key).reset_index(drop=True))
 
 
+def test_a_knockout_spec_runs_the_questions_and_windows_it_describes(tiny):
+    """A sharded sweep rebuilds the experiment from its spec: the spec's questions, windows and knockouts, and the
+    same records as the engine called by hand."""
+    _, _, adapter = tiny
+    spec = L.KnockoutSpec(n=5, seed=0, window=2, batch_size=2, knockouts=("object → last",))
+    by_hand = L.knockout_records(adapter, L.make_items("vqa", 5, 0, adapter.image_size), window=2, batch_size=2,
+                                 knockouts=("object → last",))
+    parts = pd.concat([L.knockout_sweep(adapter, spec, shard=f"{i}/2") for i in range(2)])
+    key = ["knockout", "first_layer", "item"]
+    assert parts.sort_values(key).reset_index(drop=True).equals(by_hand.sort_values(key).reset_index(drop=True))
+    windows = L.KnockoutSpec(window=99).layer_windows(adapter.n_layers)  # longer than the model: cut to its depth
+    assert len(windows) == adapter.n_layers and next(iter(windows.values())) == list(range(adapter.n_layers))
+    named = L.KnockoutSpec(windows={"all": [0, 1]}).layer_windows(adapter.n_layers)
+    assert named == {"all": [0, 1]}
+    with pytest.raises(ValueError, match="unknown setting 'captioning'"):
+        L.KnockoutSpec(setting="captioning")
+    with pytest.raises(ValueError, match="at least 1"):
+        L.KnockoutSpec(n=0)
+
+
 def test_chosen_knockouts_give_their_rows_of_the_full_run(tiny):
     _, _, adapter = tiny
     items = L.make_items("vqa", 3, 0, adapter.image_size)

@@ -69,6 +69,41 @@ class AblationSpec:
         return make_items(setting, self.n, self.seed, image_size, self.question_suffix, self.answer_prefix)
 
 
+@dataclass(frozen=True)
+class KnockoutSpec:
+    """One knockout experiment, described once: which questions, which edges are cut, in which layer windows.
+
+    A chapter builds it from its parameters and hands it to `knockout_sweep` and `knockout_curve`;
+    `workshop.sweep` rebuilds it on every process of a sharded run. `windows`: named layer lists (e.g.
+    `interventions.depth_presets(n_layers)`), or None for sliding windows of `window` layers (fewer on a model
+    with fewer layers). `knockouts`: the names of `knockout_blocks` to run (None: all)."""
+
+    setting: str = "vqa"
+    n: int = 64  # questions
+    seed: int = 1  # the questions' seed (chapter 1 asks its knockout other questions than its ablation)
+    window: int = 5
+    windows: dict[str, list[int]] | None = None
+    knockouts: tuple[str, ...] | None = None
+    batch_size: int = 32
+    question_suffix: str = ""
+    answer_prefix: str = ""
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; known settings: {', '.join(SETTINGS)}")
+        if min(self.n, self.batch_size, self.window) < 1:
+            raise ValueError(f"n, batch_size and window must be at least 1 (got n={self.n}, "
+                             f"batch_size={self.batch_size}, window={self.window})")
+
+    def items(self, image_size: int) -> list["Item"]:
+        """The questions, in the spec's answer style."""
+        return make_items(self.setting, self.n, self.seed, image_size, self.question_suffix, self.answer_prefix)
+
+    def layer_windows(self, n_layers: int) -> dict[str, list[int]]:
+        """The named layer windows the knockouts run in, on a model of `n_layers` decoder layers."""
+        return named_windows(self.windows or I.layer_windows(n_layers, min(self.window, n_layers)))
+
+
 @dataclass
 class Item:
     """A question about one target object of a scene, asked in a model's own answer style."""
@@ -569,20 +604,22 @@ def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str
     return stats.paired_difference(both[first].to_numpy(), both[second].to_numpy())
 
 
-def knockout_curve(adapter, items: list[Item], window: int = 5, batch_size: int = 32,
-                   windows: list[list[int]] | dict[str, list[int]] | None = None,
-                   knockouts: tuple[str, ...] | None = None) -> pd.DataFrame:
+def knockout_sweep(adapter, spec: KnockoutSpec, shard: str | None = None) -> pd.DataFrame:
+    """`knockout_records` of the experiment `spec` describes: its questions, knockouts and layer windows."""
+    return knockout_records(adapter, spec.items(adapter.image_size), batch_size=spec.batch_size,
+                            windows=spec.layer_windows(adapter.n_layers), shard=shard, knockouts=spec.knockouts)
+
+
+def knockout_curve(adapter, spec: KnockoutSpec) -> pd.DataFrame:
     """Per layer window and knockout: the mean relative drop of the answer's probability, with a 95% CI.
 
-    Only items the model answers correctly without intervention count, as in Neo et al. `windows` overrides the
-    sliding windows of `window` layers (e.g. `[list(range(n_layers))]` for all layers at once). Each knockout
-    re-runs only the positions and layers it changes (`interventions.CleanRun`). Named windows (a dict, e.g.
+    Only items the model answers correctly without intervention count, as in Neo et al. Each knockout re-runs
+    only the positions and layers it changes (`interventions.CleanRun`). Named windows (e.g.
     `interventions.depth_presets(n_layers)`, the official presets) keep their names in the `window` column.
-    `knockouts` names the ones to run (default: all).
     """
-    records = knockout_records(adapter, items, window, batch_size, windows, knockouts=knockouts)
+    records = knockout_sweep(adapter, spec)
     if not records.correct.any():
-        warnings.warn(unanswered_note("knockout", len(items)), stacklevel=2)
+        warnings.warn(unanswered_note("knockout", spec.n), stacklevel=2)
     return knockout_summary(records)
 
 

@@ -43,8 +43,9 @@ def run(sweep: str, out: Path, shard: str | None, model: str = "shapes-llava", n
         records = localization.ablation_sweep(adapter, spec, shard=shard)
         return shards.save_table(records, out, sweep, shard)
     if sweep == "knockout":
-        items = localization.make_items("vqa", n, seed, adapter.image_size, question_suffix, answer_prefix)
-        records = localization.knockout_records(adapter, items, window, batch_size, shard=shard)
+        spec = localization.KnockoutSpec(n=n, seed=seed, window=window, batch_size=batch_size,
+                                         question_suffix=question_suffix, answer_prefix=answer_prefix)
+        records = localization.knockout_sweep(adapter, spec, shard=shard)
         return shards.save_table(records, out, sweep, shard)
     if sweep == "mimic":
         base = inversion.InversionConfig(**({"steps": steps} if steps else {}))
