@@ -134,3 +134,21 @@ def test_clustered_yes_no_pairs_get_an_interval_widened_by_their_clusters():
     assert alone["verdict"] == "higher" and clustered["verdict"] == "cannot tell"
     assert clustered["ci_high"] - clustered["ci_low"] > alone["ci_high"] - alone["ci_low"]
     assert stats.paired_design_effect(first, np.zeros(24), np.arange(24) // 6) > 2
+
+
+def test_pairs_keep_only_the_units_measured_under_both_conditions():
+    import pandas as pd
+    long = pd.DataFrame({"item": [0, 0, 1, 2, 2, 3], "method": ["a", "b", "a", "a", "b", "c"],
+                         "after": [1, 0, 1, 0, 0, 1]})
+    both = stats.pairs(long, "item", "method", "after", "a", "b")
+    assert list(both.columns) == ["a", "b"] and list(both.index) == [0, 2]  # item 1 lacks b, item 3 is c only
+    assert both.loc[0].tolist() == [1, 0]
+    assert stats.pairs(long, "item", "method", "after", "a", "z").empty  # never measured: nothing to pair
+
+
+def test_pick_names_a_row_or_says_cannot_tell():
+    import pandas as pd
+    table = pd.DataFrame({"control": ["random", "high_norm"], "difference": [0.3, 0.1], "verdict": ["higher"] * 2})
+    assert stats.pick(table, control="high_norm").difference == 0.1
+    missing = stats.pick(table, control="high_gradient")
+    assert np.isnan(missing.difference) and missing.verdict == "cannot tell" and missing.control == "high_gradient"

@@ -502,11 +502,9 @@ def paired_recipes(table: pd.DataFrame, first: str, second: str, column: str = "
     difference of their recognised shares with a 95% interval that resamples whole concepts, and the verdict
     (`core.stats.paired_difference`). With few concepts that interval is wide, as it should be: a recipe's
     advantage on four concepts says little about a fifth."""
-    keys = ["seed", "concept", "repeat"]
-    wide = table[table[column].isin([first, second])].pivot_table(index=keys, columns=column, values=outcome,
-                                                                   aggfunc="first").dropna()
-    if not {first, second} <= set(wide.columns):
+    if not {first, second} <= set(table[column]):
         raise ValueError(f"the table has no {column} {first!r} or {second!r}; it has {sorted(set(table[column]))}")
+    wide = S.pairs(table, ["seed", "concept", "repeat"], column, outcome, first, second)
     return S.paired_difference(wide[first].to_numpy(float), wide[second].to_numpy(float),
                                clusters=wide.index.get_level_values("concept"))
 

@@ -321,5 +321,5 @@ def paired_lenses(judged: pd.DataFrame, first: str, second: str, kind: str = "ob
     for layer, pairs in both.groupby(level="layer"):
         test = stats.paired_difference(pairs[first].to_numpy(), pairs[second].to_numpy(),
                                        clusters=pairs.index.get_level_values("example"))
-        rows.append({"layer": layer, **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high", "verdict")}})
-    return pd.DataFrame(rows, columns=["layer", "n", "difference", "ci_low", "ci_high", "verdict"])
+        rows.append({"layer": layer, **stats.paired_row(test)})
+    return pd.DataFrame(rows, columns=["layer", *stats.PAIRED_FIELDS])

@@ -322,15 +322,7 @@ def common_items(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return kept, dropped.rename("dropped").reset_index()
 
 
-def pick(table: pd.DataFrame, **equal) -> pd.Series:
-    """The first row of a paired table (`paired_flips`, `paired_knockouts`) whose columns equal `equal`, or, where
-    none does (a model that answered nothing right has nothing to pair), a row of NaNs that says "cannot tell"."""
-    rows = table
-    for column, value in equal.items():
-        rows = rows[rows[column] == value]
-    if len(rows):
-        return rows.iloc[0]
-    return pd.Series({c: np.nan for c in table.columns} | equal | {"verdict": stats.CANNOT_TELL})
+pick = stats.pick  # a row of a paired table, by its columns (the chapter's page picks rows by name)
 
 
 def paired_flips(records: pd.DataFrame, first: str = "object", margin: float | None = None) -> pd.DataFrame:
@@ -339,11 +331,10 @@ def paired_flips(records: pd.DataFrame, first: str = "object", margin: float | N
     verdict (`core.stats.compare_binary`: higher, lower, equivalent within `margin`, or cannot tell)."""
     rows = []
     for key, part in records[records.before].groupby(list(CONDITION), sort=False):
-        flipped = part.pivot_table(index="item", columns="method", values="after", aggfunc="first")
-        if first not in flipped:
+        if first not in set(part.method):
             continue
         for control in [m for m in part.method.unique() if m != first]:
-            both = flipped[[first, control]].dropna().astype(bool)
+            both = stats.pairs(part, "item", "method", "after", first, control).astype(bool)
             a, b = ~both[first].to_numpy(), ~both[control].to_numpy()  # flipped: wrong after ablation
             test = stats.paired_difference(a, b, margin=margin)
             rows.append({**dict(zip(CONDITION, key)), "first": first, "control": control, "n": len(both),
@@ -579,15 +570,12 @@ def paired_knockouts(records: pd.DataFrame, first: str, second: str, margin: flo
     ran on, with its paired bootstrap 95% interval and verdict (`core.stats.paired_difference`)."""
     rows = []
     for window, part in records[records.correct].groupby("window", sort=False):
-        drops = part.pivot_table(index="item", columns="knockout", values="drop", aggfunc="first")
-        if not {first, second} <= set(drops):
+        if not {first, second} <= set(part.knockout):
             continue
-        both = drops[[first, second]].dropna()
+        both = stats.pairs(part, "item", "knockout", "drop", first, second)
         test = stats.paired_difference(both[first].to_numpy(), both[second].to_numpy(), margin=margin)
-        rows.append({"window": window, "first": first, "second": second,
-                     **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high", "verdict")}})
-    return pd.DataFrame(rows, columns=["window", "first", "second", "n", "difference", "ci_low", "ci_high",
-                                       "verdict"])
+        rows.append({"window": window, "first": first, "second": second, **stats.paired_row(test)})
+    return pd.DataFrame(rows, columns=["window", "first", "second", *stats.PAIRED_FIELDS])
 
 
 def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str) -> dict:
@@ -599,8 +587,7 @@ def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str
     part = records[records.correct & (records.knockout == knockout)]
     if part.empty:  # nothing answered right: nothing to pair
         return stats.paired_difference(np.array([]), np.array([]))
-    drops = part.pivot_table(index="item", columns="window", values="drop", aggfunc="first")
-    both = drops[[first, second]].dropna()
+    both = stats.pairs(part, "item", "window", "drop", first, second)
     return stats.paired_difference(both[first].to_numpy(), both[second].to_numpy())
 
 

@@ -17,11 +17,39 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
 from scipy.optimize import brentq
 
 LEVEL = 0.95
 HIGHER, LOWER, EQUIVALENT, CANNOT_TELL = "higher", "lower", "equivalent", "cannot tell"  # a paired verdict
+PAIRED_FIELDS = ("n", "difference", "ci_low", "ci_high", "verdict")  # what a table of paired comparisons keeps
+
+
+def pairs(long: pd.DataFrame, index, column: str, value: str, first, second) -> pd.DataFrame:
+    """The units measured under both `first` and `second` (two values of `column` in a long table), side by side:
+    one row per unit (`index`: a column or a list of them), the columns `first` and `second` holding `value`.
+    Units measured under only one leave; none is left when either was never measured. Every paired comparison of
+    the book starts here, so that its two numbers come from one common set of items."""
+    chosen = long[long[column].isin([first, second])]
+    wide = chosen.pivot_table(index=index, columns=column, values=value, aggfunc="first")
+    return wide.reindex(columns=[first, second]).dropna()
+
+
+def pick(table: pd.DataFrame, **equal) -> pd.Series:
+    """The first row of a table of paired comparisons whose columns equal `equal`, or, where none does (a model
+    that answered nothing right has nothing to pair), a row of NaNs that says "cannot tell"."""
+    rows = table
+    for column, value in equal.items():
+        rows = rows[rows[column] == value]
+    if len(rows):
+        return rows.iloc[0]
+    return pd.Series({c: np.nan for c in table.columns} | equal | {"verdict": CANNOT_TELL})
+
+
+def paired_row(test: dict) -> dict:
+    """The `PAIRED_FIELDS` of a `paired_difference` result, for one row of a table."""
+    return {k: test[k] for k in PAIRED_FIELDS}
 
 
 def flip_rate(correct_before: Sequence[bool], correct_after: Sequence[bool]) -> float:
