@@ -1,5 +1,6 @@
 """The adapter on a tiny random Llava built in the tests (another grid, depth and width than shapes-llava)."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -77,6 +78,35 @@ def test_images_must_be_rgb_and_counts_must_match(tiny):
     img = scenes(1)[0].scene.image
     with pytest.raises(ValueError, match="one question per image"):
         adapter.inputs([img, img], ["Hi"])
+
+
+def test_inputs_a_reader_will_try_get_an_error_or_a_warning_that_says_the_fix(tiny):
+    """#28: a non-square image (this processor squashes it), a 1 x 1 image, an empty question and a prompt
+    longer than the LLM's context. Each note is said once per adapter, not once per image of a sweep."""
+    model, processor, _ = tiny
+    adapter = models.adapter_for(model, processor)  # a fresh adapter: it has said nothing yet
+    wide = Image.new("RGB", (64, 32), (200, 200, 200))
+    with pytest.warns(UserWarning, match=r"squashed image: .* 64x32 image to 32x32 .*pad_to_square"):
+        adapter.inputs([wide], ["What is it?"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter.inputs([wide], ["What is it?"])  # said once already
+        adapter.inputs([models.pad_to_square(wide)], ["What is it?"])  # the fix: nothing to say
+    with pytest.warns(UserWarning, match="tiny image: 1x1 px is smaller than one 8 px patch"):
+        adapter.inputs([Image.new("RGB", (1, 1))], ["What is it?"])
+    with pytest.raises(ValueError, match="question 1 is empty"):
+        adapter.inputs([wide, wide], ["What is it?", "  "])
+    context = adapter.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"LLM's context is {context}: shorten the question"):
+        adapter.inputs([wide], ["red " * (context + 10)])
+
+
+def test_pad_to_square_centres_the_image_on_its_background():
+    image = Image.new("RGB", (6, 2), (10, 20, 30))
+    image.putpixel((3, 1), (255, 0, 0))
+    square = models.pad_to_square(image)
+    assert square.size == (6, 6) and square.getpixel((0, 0)) == (10, 20, 30)
+    assert square.getpixel((3, 3)) == (255, 0, 0)  # moved down by (6 - 2) / 2 rows
 
 
 def test_arrays_are_accepted(tiny):

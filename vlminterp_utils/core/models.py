@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class VLMAdapter:
 
     model: nn.Module
     processor: object
+    _warned: set = field(default_factory=set, init=False, repr=False, compare=False)  # input notes said once
 
     family = "base"
 
@@ -164,16 +165,36 @@ class VLMAdapter:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
+    def input_notes(self, image_size: tuple[int, int]) -> list[str]:
+        """What the processor will do to an image of this size that a reader may not expect (each a warning that
+        says the fix); none for the family's base adapter."""
+        return []
+
+    def _note_inputs(self, images) -> None:
+        for image in images:
+            for note in self.input_notes(image.size):
+                kind = note.split(":")[0]
+                if kind not in self._warned:  # once per kind of note, not once per image of a sweep
+                    self._warned.add(kind)
+                    warnings.warn(note, stacklevel=3)
+
     def inputs(self, images, questions, answer_prefixes=None) -> dict[str, torch.Tensor]:
         """Processor output for a batch of (image, question), left-padded so every answer starts at the end.
 
         `answer_prefixes` (one string per question) are appended after the prompt, as if the model had already
-        said them: the last position then predicts the token that follows.
+        said them: the last position then predicts the token that follows. An empty question, or a prompt longer
+        than the LLM's context, is an error; an image the processor will squash, crop or blow up is a warning
+        (`input_notes`).
         """
         images = [check_image(im) for im in _as_list(images)]
         questions = _as_list(questions)
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions; pass one question per image")
+        empty = [i for i, q in enumerate(questions) if not str(q).strip()]
+        if empty:
+            raise ValueError(f"question {empty[0]} is empty: ask the model something about the image, e.g. "
+                             "'What colour is the circle?'")
+        self._note_inputs(images)
         prefixes = [""] * len(questions) if answer_prefixes is None else _as_list(answer_prefixes)
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
@@ -182,6 +203,10 @@ class VLMAdapter:
                                    return_tensors="pt", padding=True)
         finally:
             tok.padding_side = side
+        context = getattr(self.text_config, "max_position_embeddings", None)
+        if context and batch["input_ids"].shape[1] > context:
+            raise ValueError(f"the prompt is {batch['input_ids'].shape[1]} tokens, image tokens included, but the "
+                             f"LLM's context is {context}: shorten the question")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -234,6 +259,26 @@ class LlavaAdapter(VLMAdapter):
             raise ValueError(f"found {n} image tokens per sequence but the patch grid {self.grid} has "
                              f"{self.n_visual_tokens}; this model family needs its own adapter")
 
+    def input_notes(self, image_size: tuple[int, int]) -> list[str]:
+        width, height = image_size
+        notes = []
+        if min(width, height) < self.patch_size:
+            notes.append(f"tiny image: {width}x{height} px is smaller than one {self.patch_size} px patch, so the "
+                         f"model sees it blown up to {self.image_size} px of a few flat colours; pass the image "
+                         "at its real size")
+        if width != height:
+            ip = self.processor.image_processor
+            size = geometry.size_setting(getattr(ip, "size", None) or {})
+            if getattr(ip, "do_center_crop", False):
+                notes.append(f"cropped image: the processor resizes a {width}x{height} image and keeps its central "
+                             "square, so what lies outside it is never seen (token_regions says which part is); "
+                             "pad it to a square first with models.pad_to_square to keep all of it")
+            elif "height" in size and "width" in size:
+                notes.append(f"squashed image: the processor resizes a {width}x{height} image to "
+                             f"{size['width']}x{size['height']} without keeping its aspect ratio, so shapes look "
+                             "stretched to the model; pad it to a square first with models.pad_to_square")
+        return notes
+
     def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
         boxes = geometry.resize_crop_regions(image_size, self.processor.image_processor, self.image_size,
                                              self.patch_size)
@@ -280,6 +325,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def check_visual_count(self, n: int) -> None:
         pass  # any count: it depends on the image size; token_regions says which token is what
+
+    def input_notes(self, image_size: tuple[int, int]) -> list[str]:
+        """Only the tiny-image note: anyres tiles keep any aspect ratio."""
+        return [note for note in super().input_notes(image_size) if note.startswith("tiny")]
 
     def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
         if self.strategy != "default" and self.extra_tokens:
@@ -332,6 +381,18 @@ def check_image(image) -> Image.Image:
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode!r}; use image.convert('RGB')")
     return image
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """The image centred on a square canvas of its longer side, so that a processor that squashes or crops to a
+    square keeps all of it undistorted. `fill`: the canvas colour (default: the image's top-left pixel, the
+    background in the shapes world)."""
+    image = check_image(image)
+    width, height = image.size
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill or image.getpixel((0, 0)))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def _as_list(x):
