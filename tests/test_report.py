@@ -41,3 +41,12 @@ def test_an_interval_prints_with_enough_decimals_to_show_its_width():
     assert report.interval_text(0.00002, -0.00004, 0.00001) == "0.002% [-0.004%, 0.001%]"
     assert report.interval_text(0.1, 0.05, 0.2, signed=True) == "+10% [+5%, +20%]"
     assert report.interval_text(float("nan"), 0, 1) == "n/a"
+
+
+def test_a_paired_row_prints_its_signed_difference_and_a_layerwise_claim_counts_its_layers():
+    row = {"difference": 0.12, "ci_low": 0.05, "ci_high": 0.2, "verdict": "higher"}
+    assert report.difference_text(row) == "+12% [+5%, +20%]"
+    held, verdict = report.per_layer_verdict(["higher", "higher", "cannot tell"])
+    assert held == "2 of 3 layers" and verdict == report.PARTLY
+    held, verdict = report.per_layer_verdict(["lower", "lower"], paper="lower")
+    assert held == "2 of 2 layers" and verdict == report.REPRODUCED

@@ -86,6 +86,20 @@ def combine(verdicts) -> str:
     return NOT_REPRODUCED if any(v in (NOT_REPRODUCED, OPPOSITE) for v in verdicts) else CANNOT_TELL
 
 
+def difference_text(row) -> str:
+    """A paired comparison's difference with its interval (a row of `stats.pairs`-based tables, or a
+    `stats.paired_difference` result), signed, printed so that its ends differ."""
+    return interval_text(row["difference"], row["ci_low"], row["ci_high"], signed=True)
+
+
+def per_layer_verdict(verdicts, paper: str = "higher") -> tuple[str, str]:
+    """A claim checked layer by layer: "k of n layers" where the paired verdict went the paper's way, and the
+    claim's verdict (`combine` of each layer's, `against_paper`)."""
+    verdicts = list(verdicts)
+    held = sum(v == paper for v in verdicts)
+    return f"{held} of {len(verdicts)} layers", combine(against_paper(v, paper) for v in verdicts)
+
+
 def card(rows: list[dict]) -> pd.DataFrame:
     """A reproduction card: one row per claim, with `claim`, what the paper reports and where (`paper`), this run's
     number with its interval (`this run`) and the verdict computed from the paired statistics (`verdict`)."""
