@@ -1,4 +1,5 @@
 """Models side by side (`chapters.comparison`): LoRA update sizes, the paired verdicts and the page's numbers."""
+import json
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,10 +28,16 @@ def test_lora_update_sizes_are_the_updates_norm_over_the_weights(tmp_path, smol_
         comparison.lora_update_sizes(model, tmp_path / "other.safetensors")
 
 
-def test_only_the_tuned_embedded_model_ships_lora_updates():
-    assert comparison.lora_file("shapes-llava") is None
-    assert comparison.lora_file("some/hub-model") is None
-    assert comparison.lora_file("shapes-llava-tuned").name == models.LORA_FILE
+def test_the_embedded_models_say_their_lora_rank_and_ship_updates_only_when_tuned():
+    """The dose-response's doses come from the training records: the twin and shapes-llava froze the LLM."""
+    ranks = {name: comparison.lora_rank(name) for name in models.EMBEDDED_MODELS}
+    assert ranks == {"shapes-llava": 0, "shapes-llava-twin": 0, "shapes-llava-tuned": 8}
+    assert comparison.lora_rank("some/hub-model") is None and comparison.lora_file("some/hub-model") is None
+    for name, rank in ranks.items():
+        shipped = comparison.lora_file(name)
+        assert (shipped is not None) == (rank > 0)
+        if shipped is not None:
+            assert models.lora_scale(json.loads(shipped.with_suffix(".json").read_text())) == 2
 
 
 def _hits(first, second, n_images=20, patches=10, seed=0):
@@ -74,6 +81,24 @@ def test_no_change_is_claimed_only_within_the_margin():
     assert comparison.verdict(wide) == "cannot tell"
 
 
+def test_the_dose_response_pairs_each_model_with_the_base_over_layers_and_names_its_rank(monkeypatch):
+    """Two doses against one base 'a': 'b' reads every patch as 'a' does (difference exactly 0 on 200 patches:
+    within a 5-point margin), 'c' reads 50 points more on every layer (many intervals wide)."""
+    hits = _hits([0.2] * 3, [None] * 3)
+    more = _hits([0.2] * 3, [0.7] * 3, seed=1)
+    more = more[more.model == "b"].assign(model="c")
+    hits = pd.concat([hits, more], ignore_index=True)
+    monkeypatch.setattr(comparison, "lora_rank", {"a": 0, "b": 2, "c": 32}.get)
+    doses = comparison.dose_response(hits, "LogitLens", "a", ["a", "c", "b"])
+    assert doses.model.tolist() == ["b", "c"] and doses["rank"].tolist() == [2, 32]  # sorted by dose, base left out
+    assert (doses.n == 200).all()  # one value per patch: its share of layers read right
+    assert doses.verdict.tolist() == ["equivalent", "higher"]
+    assert doses.difference.iloc[0] == 0 and doses.ci_low.iloc[1] > 0.3
+    assert comparison.dose_verdict(doses) == "higher at rank 32"
+    assert comparison.dose_verdict(doses.iloc[:1]) == "within the margin at every rank"
+    assert comparison.dose_verdict(doses.iloc[:0]) == "cannot tell"
+
+
 def _result(first, second):
     hits = _hits(first, second)
     above = (hits.groupby(["model", "lens", "layer", "kind"]).hit.mean().rename("share").reset_index()
@@ -106,15 +131,16 @@ def ModelComparisonOf(result, model):
 
 @pytest.fixture(scope="module")
 def two_models_read():
-    """What the phenomenon test asserts on, and no more: the logit lens on both embedded models, and LatentLens (its
-    positive control) on the tuned one, against chance: 16 fixed scenes (seed 0), top-5, an index of the neutral
-    corpus's first 1500 sentences (as the LatentLens phenomenon test). Reading all three lenses on both models, as
-    chapter 4 does, took 481 s from an empty cache, a second index included; this takes 235."""
+    """What the phenomenon test asserts on, and no more: the logit lens on the tuned model and its frozen-LLM twin,
+    and LatentLens (its positive control) on the tuned one, against chance: 16 fixed scenes (seed 0), top-5, an
+    index of the neutral corpus's first 1500 sentences (as the LatentLens phenomenon test). Reading all three
+    lenses on both models, as chapter 4 does, took 481 s from an empty cache, a second index included; this
+    takes 235."""
     from vlminterp_utils.chapters import latentlens as LL
     from vlminterp_utils.chapters import lenses
     from vlminterp_utils.core import shapes
     tables, hits = [], []
-    for name in ("shapes-llava", "shapes-llava-tuned"):
+    for name in ("shapes-llava-twin", "shapes-llava-tuned"):
         _, _, adapter = models.load_vlm(name)
         examples = shapes.make_examples(16, 0, "caption", size=adapter.image_size)
         read = [lenses.LogitLens(adapter)]
@@ -128,11 +154,12 @@ def two_models_read():
 
 @pytest.mark.phenomenon
 def test_tuning_the_llm_by_lora_does_not_make_the_logit_lens_read_object_patches(two_models_read):
-    """#17's finding on seed 0: shapes-llava-tuned's LLM was tuned by LoRA, yet the logit lens reads its object
-    patches no better than shapes-llava's, while LatentLens reads the tuned model's patches (so the measurement
-    can see readable tokens on that model; the null is not a broken pipeline)."""
+    """#17's finding, with #27's twin, on seed 0: shapes-llava-tuned's LLM was tuned by LoRA, yet the logit lens
+    reads its object patches no better than those of its twin, trained the same steps with the LLM frozen, while
+    LatentLens reads the tuned model's patches (so the measurement can see readable tokens on that model; the null
+    is not a broken pipeline)."""
     above, hits = two_models_read
-    per_layer = comparison.paired_lens_difference(hits, "LogitLens", "shapes-llava", "shapes-llava-tuned")
+    per_layer = comparison.paired_lens_difference(hits, "LogitLens", "shapes-llava-twin", "shapes-llava-tuned")
     # Paired on the same object patches of 16 scenes, resampling scenes: the page's claim, the tuned model's logit
     # lens within 5 points of the base model's (two one-sided tests) on most layers. Chapter 4 in full (32 scenes)
     # measured it on 30 of 31 layers; the other, layer 29, higher by 2.7 points [0.4, 5.6].

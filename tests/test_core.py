@@ -121,3 +121,21 @@ def test_a_first_token_says_yes_in_any_casing(smol_tokenizer, said, right):
     adapter = type("A", (), {"tokenizer": smol_tokenizer})()
     token = smol_tokenizer(said, add_special_tokens=False)["input_ids"][0]
     assert readout.same_word(adapter, token, readout.first_answer_token(adapter, "yes")) == right
+
+
+def test_the_weights_fingerprint_keys_what_an_llm_alone_computes(tiny):
+    """LatentLens indexes are keyed by the LLM's weights: a vision tower trained further (the frozen-LLM twin) keeps
+    the key, a LoRA update (which moves every value of a weight) or a changed shape does not."""
+    model, _, adapter = tiny
+    before = storage.weights_fingerprint(adapter.language_model)
+    vision, weight = next(adapter.vision_tower.parameters()), adapter.layers[0].self_attn.q_proj.weight
+    kept = vision.clone(), weight.clone()  # the model is shared by the session's tests: restored exactly
+    with torch.no_grad():
+        vision += 1.0
+        assert storage.weights_fingerprint(adapter.language_model) == before
+        weight += 1e-3
+        changed = storage.weights_fingerprint(adapter.language_model)
+        vision.copy_(kept[0])
+        weight.copy_(kept[1])
+    assert changed != before and len(before) == 20
+    assert storage.weights_fingerprint(torch.nn.Linear(3, 2)) != storage.weights_fingerprint(torch.nn.Linear(2, 3))

@@ -78,9 +78,9 @@ def headline_records(adapter, n_items: int, seed: int = 0, batch_size: int = 16,
     if right.empty:  # a model that answers nothing right has no flip to measure: say why the rows are NaN
         warnings.warn(L.unanswered_note("vqa", n_items), stacklevel=2)
     rows = [right.assign(measure="ablation: " + right.method, value=(~right.after).astype(float))]
-    items = L.make_items("vqa", n_items, seed + 1, adapter.image_size, **style)
-    drops = L.knockout_records(adapter, items, windows={"all": list(range(adapter.n_layers))},
-                               knockouts=KNOCKOUTS)
+    knockout = L.KnockoutSpec(n=n_items, seed=seed + 1, windows={"all": list(range(adapter.n_layers))},
+                              knockouts=KNOCKOUTS, **style)
+    drops = L.knockout_sweep(adapter, knockout)
     drops = drops[drops.correct]
     rows.append(drops.assign(measure="knockout: " + drops.knockout, value=drops["drop"]))
     return pd.concat([r[["measure", "item", "value"]] for r in rows], ignore_index=True)
@@ -142,6 +142,11 @@ def lora_update_sizes(model, lora_file: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["layer", "module"], ignore_index=True)
 
 
+def lora_rank(model_id: str) -> int | None:
+    """The LoRA rank of an embedded model's LLM (0: frozen), or None for any other model (rank unknown)."""
+    return models.embedded_lora_rank(model_id) if model_id in models.EMBEDDED_DIRS else None
+
+
 def lora_file(model_id: str) -> Path | None:
     """The LoRA updates an embedded model ships (shapes-llava-tuned), or None (any other model)."""
     if model_id not in models.EMBEDDED_DIRS:
@@ -176,16 +181,47 @@ def paired_lens_difference(hits: pd.DataFrame, lens: str, first: str, second: st
     """Per layer: the share of `kind` patches `lens` reads right on model `second` minus on model `first`, paired on
     the same patches of the same scenes, with a 95% interval that resamples whole scenes, and its verdict
     (`core.stats.compare`: higher, lower, equivalent within `margin`, or cannot tell)."""
-    part = hits[(hits.lens == lens) & (hits.kind == kind) & hits.model.isin([first, second])]
-    wide = part.pivot_table(index=["layer", "example", "patch"], columns="model", values="hit", aggfunc="first")
+    part = hits[(hits.lens == lens) & (hits.kind == kind)]
+    both = stats.pairs(part, ["layer", "example", "patch"], "model", "hit", first, second)
     rows = []
-    if {first, second} <= set(wide.columns):  # a lens only one model was read with has nothing to pair
-        for layer, pairs in wide.dropna().groupby(level="layer"):
-            test = stats.paired_difference(pairs[second].to_numpy(float), pairs[first].to_numpy(float),
-                                           clusters=pairs.index.get_level_values("example"), margin=margin)
-            rows.append({"layer": layer, **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high",
-                                                                  "verdict")}})
-    return pd.DataFrame(rows, columns=["layer", "n", "difference", "ci_low", "ci_high", "verdict"])
+    for layer, pairs in both.groupby(level="layer"):  # none for a lens only one model was read with
+        test = stats.paired_difference(pairs[second].to_numpy(float), pairs[first].to_numpy(float),
+                                       clusters=pairs.index.get_level_values("example"), margin=margin)
+        rows.append({"layer": layer, **stats.paired_row(test)})
+    return pd.DataFrame(rows, columns=["layer", *stats.PAIRED_FIELDS])
+
+
+def dose_response(hits: pd.DataFrame, lens: str, base: str, model_ids, kind: str = "object",
+                  margin: float = MARGIN) -> pd.DataFrame:
+    """Per model of `model_ids` (each against `base`, the frozen-LLM twin): the share of `kind` patches `lens` reads
+    right, averaged over layers, minus the same on `base`, paired patch by patch, with a 95% interval that
+    resamples whole scenes and its verdict against `margin`; with the model's LoRA rank (`lora_rank`), the dose."""
+    rows = []
+    part = hits[(hits.lens == lens) & (hits.kind == kind)]
+    for model in model_ids:
+        both = stats.pairs(part, ["layer", "example", "patch"], "model", "hit", base, model)
+        if model == base or both.empty:
+            continue
+        per_patch = both.groupby(level=["example", "patch"]).mean()  # (patches, 2): share of layers read right
+        test = stats.paired_difference(per_patch[model].to_numpy(), per_patch[base].to_numpy(),
+                                       clusters=per_patch.index.get_level_values("example"), margin=margin)
+        rows.append({"model": model, "rank": lora_rank(model), "lens": lens, **stats.paired_row(test)})
+    columns = ["model", "rank", "lens", *stats.PAIRED_FIELDS]
+    return pd.DataFrame(rows, columns=columns).sort_values("rank", ignore_index=True, na_position="last")
+
+
+def dose_verdict(doses: pd.DataFrame) -> str:
+    """One phrase for a dose-response table: within the margin at every rank, clearly higher at some ranks (named),
+    or cannot tell (some rank neither higher nor within the margin)."""
+    if doses.empty:
+        return stats.CANNOT_TELL
+    higher = doses[doses.verdict == stats.HIGHER]
+    if len(higher):
+        doses = [str(m if pd.isna(r) else int(r)) for m, r in zip(higher.model, higher["rank"])]
+        return "higher at rank " + ", ".join(doses)
+    if (doses.verdict == stats.EQUIVALENT).all():
+        return "within the margin at every rank"
+    return stats.CANNOT_TELL
 
 
 # What tuning did, by a lens's verdict: "Tuning the LLM {outcome} the lens a reader of the visual tokens".
@@ -237,10 +273,18 @@ def page_numbers(result: ModelComparison, model_ids, kind: str = "object", margi
         values[f"{key}_outcome"] = OUTCOMES[values[f"{key}_verdict"]]
     heads = paired_headlines(result.headline_items, model_ids[0], second)
     for measure, key in HEADLINE_KEYS.items():
-        row = heads.set_index("measure").reindex([measure]).iloc[0]
+        row = stats.pick(heads, measure=measure)
         for field, suffix in (("difference", ""), ("ci_low", "_low"), ("ci_high", "_high")):
             values[f"{key}_difference{suffix}"] = row[field]
-        values[f"{key}_verdict"] = stats.CANNOT_TELL if pd.isna(row.verdict) else row.verdict
+        values[f"{key}_verdict"] = row.verdict
+    for key, lens in LENS_KEYS.items():  # every further model against the first: the dose-response
+        doses = dose_response(result.hits, lens, model_ids[0], model_ids[1:], kind, margin)
+        values[f"dose_{key}_verdict"] = dose_verdict(doses)
+        top = doses.loc[doses.difference.idxmax()] if len(doses) else None
+        for field in ("difference", "ci_low", "ci_high"):
+            values[f"dose_{key}_max_{field}"] = np.nan if top is None else float(top[field])
+        values[f"dose_{key}_max_rank"] = -1 if top is None or pd.isna(top["rank"]) else int(top["rank"])
+    values["dose_ranks"] = ", ".join(str(lora_rank(m)) for m in model_ids[1:])
     values["n_layers"] = int(result.above.layer.nunique())
     values["headlines_differ"] = bool(heads.verdict.isin([stats.HIGHER, stats.LOWER]).any())
     return values
@@ -251,12 +295,10 @@ def paired_headlines(items: pd.DataFrame, first: str, second: str | None) -> pd.
     (flips: exact McNemar; drops: paired bootstrap), with the verdict; no rows without a second model."""
     rows = []
     if second is not None:
-        wide = items.pivot_table(index=["measure", "item"], columns="model", values="value", aggfunc="first")
-        for measure, pairs in wide.dropna().groupby(level="measure", sort=False):
+        both = stats.pairs(items, ["measure", "item"], "model", "value", first, second)
+        for measure, pairs in both.groupby(level="measure", sort=False):
             a, b = pairs[second].to_numpy(), pairs[first].to_numpy()
             if measure.startswith("ablation"):
                 a, b = a.astype(bool), b.astype(bool)
-            test = stats.paired_difference(a, b)
-            rows.append({"measure": measure, **{k: test[k] for k in ("n", "difference", "ci_low", "ci_high",
-                                                                      "verdict")}})
-    return pd.DataFrame(rows, columns=["measure", "n", "difference", "ci_low", "ci_high", "verdict"])
+            rows.append({"measure": measure, **stats.paired_row(stats.paired_difference(a, b))})
+    return pd.DataFrame(rows, columns=["measure", *stats.PAIRED_FIELDS])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..core import shards
 from ..core.neighbours import Searcher
 from ..core.readout import pad_right, visual_hidden_states
-from ..core.storage import atomic_path, cache_key, cached_artefact, data_path
+from ..core.storage import atomic_path, cache_key, cached_artefact, data_path, weights_fingerprint
 from .lenses import unflatten
 
 FORMAT_VERSION = 2  # 2: the word's character span in its sentence (word_start, word_end) and skip_first
@@ -385,8 +385,9 @@ def cached_index(adapter, sentences: list[str], layers: list[int] | None = None,
                  seed: int = 0, skip_first: int = SKIP_FIRST) -> ContextualIndex:
     """Load the index for this model, corpus, layers, cap and seed from the cache, or build and save it."""
     layers = sorted(layers or default_layers(adapter.n_layers))
-    key = cache_key(FORMAT_VERSION, adapter.config.name_or_path, adapter.text_config.hidden_size, layers, cap, seed,
-                    skip_first, sentences)
+    # keyed by the LLM's weights, not the model's name: the index is the LLM's own, whatever vision tower feeds it
+    key = cache_key(FORMAT_VERSION, weights_fingerprint(adapter.language_model), adapter.text_config.hidden_size,
+                    layers, cap, seed, skip_first, sentences)
     build = lambda: build_index(adapter, sentences, layers, cap, seed, skip_first=skip_first)  # noqa: E731
     return cached_artefact("latentlens", key, build,
                            lambda index, folder: index.write(folder),

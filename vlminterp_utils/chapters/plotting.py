@@ -226,6 +226,8 @@ def dose_panel(doses, margin: float, title: str | None = None, ax=None):
     ax.set_xscale("log", base=2)
     ranks = sorted(set(doses["rank"].dropna().astype(int)))
     ax.set_xticks(ranks, [str(r) for r in ranks])
+    if ranks:
+        ax.set_xlim(min(ranks) / 1.6, max(ranks) * 1.6)  # room for the lenses' offsets, even at one rank
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel("difference in share read right")
     ax.legend(fontsize=8)

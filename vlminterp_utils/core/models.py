@@ -24,9 +24,11 @@ from torch import nn
 from . import geometry, weights
 from .storage import atomic_path, cache_dir, data_path, sha256_of
 
-# Embedded models and the package-data folder of each: shapes-llava (its LLM frozen) and shapes-llava-tuned (the
-# same vision tower and projector trained further with the LLM tuned by LoRA).
-EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned"}
+# Embedded models and the package-data folder of each: shapes-llava (its LLM frozen); shapes-llava-tuned (the same
+# vision tower and projector trained 500 steps further with the LLM tuned by LoRA of rank 8); its frozen-LLM twin
+# (the same 500 steps from the same start, no LoRA), and two more LoRA ranks of that run (chapter 4's dose-response).
+EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned",
+                 "shapes-llava-twin": "shapes_llava_twin"}
 EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
 VISION_FILE = "vision_projector.safetensors"
 LORA_FILE = "lora.safetensors"
@@ -527,12 +529,23 @@ def shapes_llava_dir(name: str = "shapes-llava") -> Path:
     return data_path(EMBEDDED_DIRS[name])
 
 
+def embedded_lora_rank(name: str) -> int:
+    """The LoRA rank an embedded model's LLM was tuned with, read from its training record (0: the LLM is
+    SmolLM2 as shipped, frozen)."""
+    record = shapes_llava_dir(name) / VISION_FILE
+    side = record.with_suffix(".json")
+    if not side.exists():
+        raise FileNotFoundError(f"{side} is missing: reinstall the package, which ships it")
+    return int(json.loads(side.read_text()).get("lora_rank", 0))
+
+
 def shapes_llava_checkpoint(name: str = "shapes-llava") -> Path:
     """A save_pretrained folder of an embedded model in the cache, assembled on first use (keyed by the weights'
-    hashes). shapes-llava-tuned also merges its LoRA updates into the LLM, so it loads as a plain Llava."""
+    hashes). A model trained with LoRA (its training record says the rank) also merges its updates into the LLM, so
+    it loads as a plain Llava."""
     folder = shapes_llava_dir(name)
     vision_weights = folder / VISION_FILE
-    lora = folder / LORA_FILE if name != "shapes-llava" else None
+    lora = folder / LORA_FILE if embedded_lora_rank(name) else None
     for needed in (vision_weights, lora):
         if needed is not None and not needed.exists():
             raise FileNotFoundError(f"{needed} is missing: train it with `python -m vlminterp_utils.workshop.train` "

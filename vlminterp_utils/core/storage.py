@@ -99,6 +99,21 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
+def weights_fingerprint(module, samples: int = 256) -> str:
+    """A short hash of a module's weights, for cache keys: every parameter's name and shape and `samples` evenly
+    spaced values of it. Two models that share an LLM (shapes-llava and its frozen-LLM twin) share what is computed
+    from that LLM alone; a LoRA update, which moves every value of a weight, changes the hash."""
+    import torch
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // samples)
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
 def cached_artefact(kind: str, key: str, build: Callable[[], T], save: Callable[[T, Path], None],
                     load: Callable[[Path], T], folder: bool = False, suffix: str = "", cache: bool = True) -> T:
     """Load the artefact `kind/key` from the cache, or build it, save it atomically and return it.

@@ -93,6 +93,14 @@ TUNED_INTRO = ("shapes-llava's vision tower and projector, trained further while
                "book's second embedded model, to ask whether an LLM that learns to see makes visual tokens "
                "readable by the logit lens, as in LLaVA-1.5 (whose LLM is fine-tuned), where shapes-llava's frozen "
                "LLM does not.")
+TWIN_INTRO = ("shapes-llava trained the same further steps as shapes-llava-tuned, from the same start on the same "
+              "conversations (the same seed), with the LLM left frozen: chapter 4's frozen-LLM twin, so that "
+              "comparing the two isolates what the LoRA did from what the extra training of the vision tower and "
+              "projector did.")
+DOSE_INTRO = ("shapes-llava-tuned's training run with another LoRA rank, everything else the same (alpha over rank "
+              "kept at 2): one dose of chapter 4's dose-response.")
+INTROS = {"shapes-llava-tuned": TUNED_INTRO, "shapes-llava-twin": TWIN_INTRO,
+          "shapes-llava-tuned-r2": DOSE_INTRO, "shapes-llava-tuned-r32": DOSE_INTRO}
 
 
 def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict],
@@ -106,7 +114,7 @@ def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records:
     later = "".join(f"{i}. {_continued_run(r, lora)}\n" for i, r in enumerate(runs[1:], start=3))
     vc = meta["vision_config"]
     row = lambda q, bar: f"| {q} | {accuracy[q]:.1%} | {bar} |"  # noqa: E731
-    intro = TUNED_INTRO if lora else BASE_INTRO
+    intro = INTROS.get(name) or (TUNED_INTRO if lora else BASE_INTRO)
     model_option = "" if name == "shapes-llava" else f" --model {name}"
     llm = (f"de-quantised to fp32, then **tuned by LoRA** (rank {lora['rank']}) in the last training run below; the "
            "updates ship in `lora.safetensors` and are merged into the weights on load (no peft needed)"
