@@ -58,13 +58,13 @@ def imported_modules(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", ["core", "chapters"])
 def test_no_chapter_or_core_module_imports_the_workshop(layer):
-    for path in (PACKAGE / layer).glob("*.py"):
+    for path in (PACKAGE / layer).rglob("*.py"):
         workshop = [m for m in imported_modules(path) if m.startswith("vlminterp_utils.workshop")]
         assert not workshop, f"{path.name} imports {workshop}"
 
 
 def test_core_does_not_import_the_chapters():
-    for path in (PACKAGE / "core").glob("*.py"):
+    for path in (PACKAGE / "core").rglob("*.py"):
         chapters = [m for m in imported_modules(path) if m.startswith("vlminterp_utils.chapters")]
         assert not chapters, f"{path.name} imports {chapters}"
 

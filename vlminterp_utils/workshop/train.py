@@ -13,7 +13,7 @@ Checkpoints (safetensors + JSON, no pickle) allow resuming; the final weights go
 With `--lora-rank r` the LLM is tuned too, by LoRA (`peft`) on every linear layer of its decoder layers, as in
 shapes-llava-tuned (`--init data/shapes_llava/vision_projector.safetensors --out data/shapes_llava_tuned`); the
 updates are saved apart (`lora.safetensors`) and merged into the LLM when the model is loaded
-(`core.models.merge_lora`), so loading needs no peft.
+(`core.embedded.merge_lora`), so loading needs no peft.
 """
 from __future__ import annotations
 

@@ -1,0 +1,22 @@
+"""One adapter per model family, each in its own module; `adapter_for` picks it by the config's `model_type`."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import VLMAdapter, check_image, pad_to_square
+from .llava import LlavaAdapter, component_sizes
+from .llava_next import LlavaNextAdapter
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}
+
+
+def adapter_for(model: nn.Module, processor) -> VLMAdapter:
+    family = getattr(model.config, "model_type", None)
+    if family not in ADAPTERS:
+        raise ValueError(f"model family {family!r} is not supported; supported families: {', '.join(ADAPTERS)}. "
+                         "Add an adapter to vlminterp_utils.core.families.ADAPTERS for it.")
+    return ADAPTERS[family](model, processor)
+
+
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "VLMAdapter", "adapter_for", "check_image",
+           "component_sizes", "pad_to_square"]
