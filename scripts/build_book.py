@@ -7,6 +7,7 @@ book's pages and config, and the book is built from there with execution switche
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -19,10 +20,13 @@ from pathlib import Path
 import papermill
 
 from vlminterp_utils.chapters.plotting import FIGURES
-from vlminterp_utils.core.storage import write_text
+from vlminterp_utils.core.storage import atomic_path, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "_build" / "stage"
+# Executed chapters, kept between builds: a chapter runs again only when what it computes from changes
+# (`execution_key`); editing prose, in a page or in a chapter's markdown cells, re-executes nothing.
+EXECUTED = ROOT / "_build" / "executed"
 
 
 def hide_injected_parameters(nb: dict) -> None:
@@ -47,18 +51,63 @@ def publish_chapter_files(executed: Path, html: Path) -> list[Path]:
     return copied
 
 
+def execution_key(nb: Path, smoke: bool, root: Path = ROOT) -> str:
+    """What an executed chapter was computed from, hashed: its code cells and the order of all its cells (not the
+    markdown's text), the mode, every module of the package, every file of its data, and the versions of torch
+    and transformers. The same key means the same outputs, up to the machine's arithmetic."""
+    from importlib.metadata import version
+
+    from vlminterp_utils.core.storage import sha256_of
+    source = json.loads(nb.read_text())
+    digest = hashlib.sha256(json.dumps({
+        "cells": [(c["cell_type"], c.get("id"), "".join(c["source"]) if c["cell_type"] == "code" else "")
+                  for c in source["cells"]],
+        "smoke": smoke, "versions": [version("torch"), version("transformers")]}).encode())
+    for folder, pattern in (("vlminterp_utils", "*.py"), ("data", "*")):
+        for path in sorted(p for p in (root / folder).rglob(pattern) if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(f"{path.relative_to(root)}:{sha256_of(path)}".encode())
+    return digest.hexdigest()[:20]
+
+
+def with_fresh_prose(executed: dict, source: dict) -> dict:
+    """An executed chapter with the markdown of its source: a prose edit needs no run (the cells are matched by
+    id; the key guarantees that the same cells, in the same order, were executed)."""
+    prose = {c.get("id"): c["source"] for c in source["cells"] if c["cell_type"] == "markdown"}
+    for cell in executed["cells"]:
+        if cell["cell_type"] == "markdown" and cell.get("id") in prose:
+            cell["source"] = prose[cell["id"]]
+    return executed
+
+
 def execute(nb: Path, smoke: bool) -> str:
+    """Execute one chapter into the stage, with the files it writes beside itself, or take it from the execution
+    cache when nothing it is computed from has changed (`execution_key`)."""
     started = time.time()
-    out = STAGE / "notebooks" / nb.name
-    # A stalled kernel fails the build instead of hanging it. In full mode one cell may run long on a CPU:
-    # chapter 3's ablation grid (24 inversions per setting) takes about 45 minutes on 2 cores.
-    papermill.execute_notebook(str(nb), str(out), parameters={"smoke": smoke},
-                               cwd=str(STAGE / "notebooks"), progress_bar=False, log_output=False,
-                               execution_timeout=1800 if smoke else 4 * 3600)
-    executed = json.loads(out.read_text())
-    hide_injected_parameters(executed)
-    write_text(out, json.dumps(executed, indent=1, ensure_ascii=False) + "\n")  # atomic: never half-written
-    return f"executed {nb.name} (smoke={smoke}) in {time.time() - started:.0f} s"
+    mode = "smoke" if smoke else "full"
+    cached = EXECUTED / f"{nb.stem}-{mode}-{execution_key(nb, smoke)}"
+    if not (cached / nb.name).exists():
+        work = STAGE / "runs" / nb.stem  # the chapter's own folder: its figures and viewers, nobody else's
+        work.mkdir(parents=True)
+        # A stalled kernel fails the build instead of hanging it. In full mode one cell may run long on a CPU:
+        # chapter 3's ablation grid (24 inversions per setting) takes about 45 minutes on 2 cores.
+        papermill.execute_notebook(str(nb), str(work / nb.name), parameters={"smoke": smoke}, cwd=str(work),
+                                   progress_bar=False, log_output=False,
+                                   execution_timeout=1800 if smoke else 4 * 3600)
+        executed = json.loads((work / nb.name).read_text())
+        hide_injected_parameters(executed)
+        write_text(work / nb.name, json.dumps(executed, indent=1, ensure_ascii=False) + "\n")
+        for old in EXECUTED.glob(f"{nb.stem}-{mode}-*"):  # one executed copy per chapter and mode
+            shutil.rmtree(old)
+        with atomic_path(cached, folder=True) as tmp:  # never a half-written cache entry
+            shutil.copytree(work, tmp, dirs_exist_ok=True)
+        verb = "executed"
+    else:
+        verb = "reused"
+    shutil.copytree(cached, STAGE / "notebooks", dirs_exist_ok=True)
+    staged = STAGE / "notebooks" / nb.name
+    fresh = with_fresh_prose(json.loads(staged.read_text()), json.loads(nb.read_text()))
+    write_text(staged, json.dumps(fresh, indent=1, ensure_ascii=False) + "\n")  # atomic: never half-written
+    return f"{verb} {nb.name} (smoke={smoke}) in {time.time() - started:.0f} s"
 
 
 def main(argv=None) -> None:

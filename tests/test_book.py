@@ -75,16 +75,63 @@ def test_every_cell_has_a_unique_id(path):
     assert all(ids) and len(set(ids)) == len(ids)
 
 
-def test_the_book_build_removes_papermills_injected_parameters_from_the_page():
+def load_build_book():
     import importlib.util
     spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
     build_book = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_book)
+    return build_book
+
+
+def test_the_book_build_removes_papermills_injected_parameters_from_the_page():
+    build_book = load_build_book()
     nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "smoke = True"},
                     {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "smoke = False"}]}
     build_book.hide_injected_parameters(nb)
     assert nb["cells"][0]["metadata"]["tags"] == ["injected-parameters", "remove-cell"]
     assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]  # the reader's knobs stay on the page
+
+
+def test_a_chapter_is_executed_again_only_when_what_it_computes_from_changes(tmp_path):
+    """#30: the execution cache's key sees the chapter's code cells, the mode, the package and its data; a prose
+    edit (a markdown cell's text) keeps the key, and the reused chapter shows the new prose with the old outputs."""
+    build_book = load_build_book()
+    (tmp_path / "vlminterp_utils" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    module, data = tmp_path / "vlminterp_utils" / "m.py", tmp_path / "data" / "d.txt"
+    module.write_text("x = 1\n")
+    data.write_text("a")
+    nb = tmp_path / "nb.ipynb"
+
+    def write(prose="Some prose.", code="print(1)"):
+        nb.write_text(json.dumps({"cells": [{"cell_type": "markdown", "id": "p", "source": [prose]},
+                                            {"cell_type": "code", "id": "c", "source": [code], "outputs": []}]}))
+
+    def key(smoke=True):
+        return build_book.execution_key(nb, smoke, root=tmp_path)
+
+    write()
+    first = key()
+    write(prose="Other prose.")
+    assert key() == first
+    (tmp_path / "vlminterp_utils" / "__pycache__" / "m.pyc").write_bytes(b"\0")
+    assert key() == first  # bytecode is not source
+    assert key(smoke=False) != first
+    write(code="print(2)")
+    assert key() != first
+    write()
+    module.write_text("x = 2\n")
+    assert key() != first
+    module.write_text("x = 1\n")
+    data.write_text("b")
+    assert key() != first
+    data.write_text("a")
+    assert key() == first
+    executed = {"cells": [{"cell_type": "markdown", "id": "p", "source": ["Some prose."]},
+                          {"cell_type": "code", "id": "c", "source": ["print(1)"], "outputs": ["1"]}]}
+    write(prose="Other prose.")
+    fresh = build_book.with_fresh_prose(executed, json.loads(nb.read_text()))
+    assert fresh["cells"][0]["source"] == ["Other prose."] and fresh["cells"][1]["outputs"] == ["1"]
 
 
 HTML = ROOT / "_build" / "html" / "notebooks"
