@@ -198,9 +198,9 @@ def dose_response(hits: pd.DataFrame, lens: str, base: str, model_ids, kind: str
     resamples whole scenes and its verdict against `margin`; with the model's LoRA rank (`lora_rank`), the dose."""
     rows = []
     part = hits[(hits.lens == lens) & (hits.kind == kind)]
-    for model in model_ids:
+    for model in [m for m in model_ids if m != base]:
         both = stats.pairs(part, ["layer", "example", "patch"], "model", "hit", base, model)
-        if model == base or both.empty:
+        if both.empty:  # a lens only one of the two models was read with
             continue
         per_patch = both.groupby(level=["example", "patch"]).mean()  # (patches, 2): share of layers read right
         test = stats.paired_difference(per_patch[model].to_numpy(), per_patch[base].to_numpy(),
@@ -217,8 +217,8 @@ def dose_verdict(doses: pd.DataFrame) -> str:
         return stats.CANNOT_TELL
     higher = doses[doses.verdict == stats.HIGHER]
     if len(higher):
-        doses = [str(m if pd.isna(r) else int(r)) for m, r in zip(higher.model, higher["rank"])]
-        return "higher at rank " + ", ".join(doses)
+        names = [str(m if pd.isna(r) else int(r)) for m, r in zip(higher.model, higher["rank"])]
+        return ("higher at rank " if len(names) == 1 else "higher at ranks ") + ", ".join(names)
     if (doses.verdict == stats.EQUIVALENT).all():
         return "within the margin at every rank"
     return stats.CANNOT_TELL

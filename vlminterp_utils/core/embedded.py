@@ -16,7 +16,7 @@ from .storage import atomic_path, cache_dir, data_path, sha256_of
 
 # Embedded models and the package-data folder of each: shapes-llava (its LLM frozen); shapes-llava-tuned (the same
 # vision tower and projector trained 500 steps further with the LLM tuned by LoRA of rank 8); its frozen-LLM twin
-# (the same 500 steps from the same start, no LoRA), and two more LoRA ranks of that run (chapter 4's dose-response).
+# (the same 500 steps from the same start, no LoRA), and that run with LoRA of rank 32 (chapter 4's dose-response).
 EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned",
                  "shapes-llava-twin": "shapes_llava_twin"}
 EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
