@@ -9,6 +9,7 @@ import torch
 from .embedded import EMBEDDED_MODELS, shapes_llava_checkpoint
 from .families import ADAPTERS, adapter_for
 
+
 def default_device() -> str:
     """The GPU when there is one (Colab), else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
