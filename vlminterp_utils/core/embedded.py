@@ -18,7 +18,7 @@ from .storage import atomic_path, cache_dir, data_path, sha256_of
 # vision tower and projector trained 500 steps further with the LLM tuned by LoRA of rank 8); its frozen-LLM twin
 # (the same 500 steps from the same start, no LoRA), and that run with LoRA of rank 32 (chapter 4's dose-response).
 EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned",
-                 "shapes-llava-twin": "shapes_llava_twin"}
+                 "shapes-llava-twin": "shapes_llava_twin", "shapes-llava-tuned-r32": "shapes_llava_tuned_r32"}
 EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
 VISION_FILE = "vision_projector.safetensors"
 LORA_FILE = "lora.safetensors"
