@@ -27,6 +27,8 @@ STAGE = ROOT / "_build" / "stage"
 # Executed chapters, kept between builds: a chapter runs again only when what it computes from changes
 # (`execution_key`); editing prose, in a page or in a chapter's markdown cells, re-executes nothing.
 EXECUTED = ROOT / "_build" / "executed"
+# Environment switches that change what a chapter computes (where SmolLM2 comes from); the cache's location does not.
+ENVIRONMENT = ("VLMINTERP_SMOLLM2",)
 
 
 def hide_injected_parameters(nb: dict) -> None:
@@ -53,8 +55,9 @@ def publish_chapter_files(executed: Path, html: Path) -> list[Path]:
 
 def execution_key(nb: Path, smoke: bool, root: Path = ROOT) -> str:
     """What an executed chapter was computed from, hashed: its code cells and the order of all its cells (not the
-    markdown's text), the mode, every module of the package, every file of its data, and the versions of torch
-    and transformers. The same key means the same outputs, up to the machine's arithmetic."""
+    markdown's text), the mode, every module of the package, every file of its data, the versions of torch and
+    transformers, and the environment switches the package reads (`ENVIRONMENT`). The same key means the same
+    outputs, up to the machine's arithmetic."""
     from importlib.metadata import version
 
     from vlminterp_utils.core.storage import sha256_of
@@ -62,7 +65,8 @@ def execution_key(nb: Path, smoke: bool, root: Path = ROOT) -> str:
     digest = hashlib.sha256(json.dumps({
         "cells": [(c["cell_type"], c.get("id"), "".join(c["source"]) if c["cell_type"] == "code" else "")
                   for c in source["cells"]],
-        "smoke": smoke, "versions": [version("torch"), version("transformers")]}).encode())
+        "smoke": smoke, "versions": [version("torch"), version("transformers")],
+        "environment": {name: os.environ.get(name) for name in ENVIRONMENT}}).encode())
     for folder, pattern in (("vlminterp_utils", "*.py"), ("data", "*")):
         for path in sorted(p for p in (root / folder).rglob(pattern) if p.is_file() and "__pycache__" not in p.parts):
             digest.update(f"{path.relative_to(root)}:{sha256_of(path)}".encode())

@@ -92,7 +92,7 @@ def test_the_book_build_removes_papermills_injected_parameters_from_the_page():
     assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]  # the reader's knobs stay on the page
 
 
-def test_a_chapter_is_executed_again_only_when_what_it_computes_from_changes(tmp_path):
+def test_a_chapter_is_executed_again_only_when_what_it_computes_from_changes(tmp_path, monkeypatch):
     """#30: the execution cache's key sees the chapter's code cells, the mode, the package and its data; a prose
     edit (a markdown cell's text) keeps the key, and the reused chapter shows the new prose with the old outputs."""
     build_book = load_build_book()
@@ -127,6 +127,9 @@ def test_a_chapter_is_executed_again_only_when_what_it_computes_from_changes(tmp
     assert key() != first
     data.write_text("a")
     assert key() == first
+    monkeypatch.setenv("VLMINTERP_SMOLLM2", "hub")  # SmolLM2 from the hub, not the GGUF: other weights
+    assert key() != first
+    monkeypatch.delenv("VLMINTERP_SMOLLM2")
     executed = {"cells": [{"cell_type": "markdown", "id": "p", "source": ["Some prose."]},
                           {"cell_type": "code", "id": "c", "source": ["print(1)"], "outputs": ["1"]}]}
     write(prose="Other prose.")
