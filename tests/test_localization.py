@@ -344,3 +344,14 @@ def test_flip_rates_split_by_object_size(tiny):
     assert table["n"].sum() == 6 and table["size"].str.endswith("tokens").all()
     lower = table["size"].str.extract(r"^(\d+)")[0].astype(int)
     assert lower.is_monotonic_increasing  # the smallest objects first
+
+
+def test_paired_windows_pairs_the_items_answered_right_and_nothing_without_one():
+    rows = [{"knockout": "object → last", "window": w, "first_layer": 0, "item": i, "drop": d, "correct": i < 3}
+            for w, base in (("early", 0.1), ("late", 0.4)) for i in range(4) for d in [base + 0.01 * i]]
+    test = L.paired_windows(pd.DataFrame(rows), "object → last", "late", "early")
+    assert test["n"] == 3 and test["difference"] == pytest.approx(0.3)  # item 3 was answered wrong: left out
+    nothing = L.paired_windows(pd.DataFrame(rows).assign(correct=False), "object → last", "late", "early")
+    assert nothing["n"] == 0 and nothing["verdict"] == "cannot tell"
+    with pytest.raises(ValueError, match="no window 'middle'"):
+        L.paired_windows(pd.DataFrame(rows), "object → last", "middle", "early")

@@ -148,7 +148,7 @@ def lora_rank(model_id: str) -> int | None:
 
 
 def lora_file(model_id: str) -> Path | None:
-    """The LoRA updates an embedded model ships (shapes-llava-tuned), or None (any other model)."""
+    """The LoRA updates an embedded model ships (one trained with LoRA, `lora_rank` > 0), or None (any other)."""
     if model_id not in models.EMBEDDED_DIRS:
         return None
     path = models.shapes_llava_dir(model_id) / models.LORA_FILE

@@ -585,9 +585,7 @@ def paired_windows(records: pd.DataFrame, knockout: str, first: str, second: str
     if not {first, second} <= windows:
         raise ValueError(f"no window {first!r} or {second!r} for {knockout!r}; windows: {sorted(windows)}")
     part = records[records.correct & (records.knockout == knockout)]
-    if part.empty:  # nothing answered right: nothing to pair
-        return stats.paired_difference(np.array([]), np.array([]))
-    both = stats.pairs(part, "item", "window", "drop", first, second)
+    both = stats.pairs(part, "item", "window", "drop", first, second)  # empty when nothing was answered right
     return stats.paired_difference(both[first].to_numpy(), both[second].to_numpy())
 
 
