@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_models import FAMILIES, build_tiny_family
+from tiny_models import FAMILIES, build_tiny_family, build_tiny_qwen
 from vlminterp_utils import interventions as I
 from vlminterp_utils import lenses, localization as L, models, readout, shapes
 
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
-            "llava-next": ("llava_next", (4, 4), None)}
+            "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
+            "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -108,3 +109,63 @@ def test_llava_next_pixel_inputs_match_the_processor(smol_tokenizer):
     got = adapter.pixel_inputs(pixels.contiguous())
     assert got["pixel_values"].shape == expected.shape
     assert torch.allclose(got["pixel_values"], expected, atol=1e-2)
+
+
+QWEN = ("qwen2-vl", "qwen2.5-vl")
+
+
+@pytest.mark.parametrize("name", QWEN)
+@pytest.mark.parametrize("size", [(112, 112), (100, 60), (60, 100), (30, 200), (97, 113)])
+def test_qwen_regions_count_the_processors_tokens_and_partition_the_image(name, size, smol_tokenizer):
+    """Dynamic resolution: as many boxes as the processor puts image tokens (`image_grid_thw` / 4), and the
+    boxes tile the whole image once, without overlap (the resize keeps every pixel, unlike a crop)."""
+    model, processor = build_tiny_family(name, smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    width, height = size
+    batch = adapter.inputs([Image.new("RGB", size, (200, 30, 30))], ["Hi"])
+    regions = adapter.token_regions(size)
+    t, gh, gw = batch["image_grid_thw"][0].tolist()
+    assert int((batch["input_ids"] == adapter.image_token_id).sum()) == len(regions) == t * gh * gw // 4
+    assert np.isclose(((regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])).sum(), width * height)
+    assert regions[:, :2].min() == 0 and np.allclose(regions[:, 2].max(), width)
+    assert np.allclose(regions[:, 3].max(), height)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_tokens_follow_the_mergers_order(name, smol_tokenizer):
+    """A toy layout: a 224 x 112 image is 4 rows of 8 tokens; a square painted on the token at row 1, column 5
+    touches that token alone, the 14th (1 * 8 + 5) in sequence order."""
+    model, processor = build_tiny_qwen(name, smol_tokenizer)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 112}
+    adapter = models.adapter_for(model, processor)
+    batch = adapter.inputs([Image.new("RGB", (224, 112))], ["Hi"])
+    assert adapter.resized((224, 112)) == (112, 224) and batch["image_grid_thw"][0].tolist() == [1, 8, 16]
+    mask = np.zeros((112, 224), bool)
+    mask[28 + 4:56 - 4, 5 * 28 + 4:6 * 28 - 4] = True
+    assert adapter.object_tokens(mask).nonzero()[0].tolist() == [13]
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_pixel_inputs_equal_the_processors(name, smol_tokenizer):
+    """MIMIC's differentiable path gives the processor's patches, in its order, and its grid."""
+    from vlminterp_utils.chapters.inversion import to_pixels
+    model, processor = build_tiny_family(name, smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    scene = shapes.example(0, 3, "caption", size=adapter.image_size).scene
+    expected = adapter.inputs([scene.image], ["Hi"])
+    got = adapter.pixel_inputs(to_pixels([scene.image], adapter.image_size))
+    assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
+    assert torch.allclose(got["pixel_values"], expected["pixel_values"], atol=1e-5)
+
+
+def test_a_qwen_processor_saved_here_loads_without_torchvision(tmp_path, smol_tokenizer):
+    """`load_processor` rebuilds the family's processor without its video part; its output is the saved one's."""
+    from vlminterp_utils.core.processors import load_processor
+    _, processor = build_tiny_family("qwen2-vl", smol_tokenizer)
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen2VLProcessor"
+    image, text = Image.new("RGB", (90, 61), (10, 200, 30)), "<|vision_start|><|image_pad|><|vision_end|>Hi"
+    a, b = processor(images=[image], text=[text], return_tensors="pt"), loaded(images=[image], text=[text],
+                                                                               return_tensors="pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

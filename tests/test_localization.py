@@ -355,3 +355,13 @@ def test_paired_windows_pairs_the_items_answered_right_and_nothing_without_one()
     assert nothing["n"] == 0 and nothing["verdict"] == "cannot tell"
     with pytest.raises(ValueError, match="no window 'middle'"):
         L.paired_windows(pd.DataFrame(rows), "object → last", "middle", "early")
+
+
+def test_the_answer_style_defaults_to_the_short_answer_prompt_for_checkpoints_only():
+    """The embedded models answer in one word as trained; any other checkpoint is asked to (the suffix ends the
+    question the model sees); a suffix the reader gives wins."""
+    assert L.answer_style("shapes-llava") == {"question_suffix": "", "answer_prefix": ""}
+    assert L.answer_style("llava-hf/llava-1.5-7b-hf")["question_suffix"] == L.SHORT_ANSWER
+    assert L.answer_style("Qwen/Qwen2-VL-2B-Instruct", " One word.", "It is")["question_suffix"] == " One word."
+    item = L.make_items("vqa", 1, 0, 64, **L.answer_style("some/checkpoint"))[0]
+    assert item.question.endswith("single word or phrase.") and item.example.question in item.question

@@ -52,8 +52,11 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
     - "llava-interleave": a SigLIP tower at 384 px in 14 px patches (27 x 27 over 378 px), "full" strategy,
       a Qwen2 LM;
     - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
-      row-end tokens, a Llama LM.
+      row-end tokens, a Llama LM;
+    - "qwen2-vl", "qwen2.5-vl": see `build_tiny_qwen`.
     """
+    if family.startswith("qwen"):
+        return build_tiny_qwen(family, tokenizer, hidden, n_layers, seed)
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
@@ -99,4 +102,59 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
     return model, processor
 
 
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next")
+QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2-VL's chat format (its default system prompt, the image between vision start and end), written for
+# SmolLM2's tokenizer with Qwen's special tokens added
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def build_tiny_qwen(family: str = "qwen2-vl", tokenizer=None, hidden: int = 32, n_layers: int = 3, seed: int = 0):
+    """A tiny random Qwen2-VL ("qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", window attention in the tower) and its
+    processor: 14 px patches merged 2 x 2, images resized into 56 x 56 to 112 x 112 px worth of area (so 4 to 16
+    visual tokens), M-RoPE in a Qwen2 LM. Built without torchvision: the processor is the image-only one."""
+    import copy
+
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                              Qwen2VLProcessor)
+
+    from vlminterp_utils.core.processors import image_only
+    tokenizer = copy.deepcopy(tokenizer or models.smollm2_tokenizer())
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(list(QWEN_TOKENS))))
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [2, 3, 3]},  # head 16: 8 pairs
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=2, hidden_size=hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    torch.manual_seed(seed)
+    if family == "qwen2-vl":
+        config = Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=hidden, mlp_ratio=2), **ids)
+        model, processor_class = Qwen2VLForConditionalGeneration(config), Qwen2VLProcessor
+    elif family == "qwen2.5-vl":
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            vision, intermediate_size=2 * hidden, out_hidden_size=hidden, window_size=56,
+            fullatt_block_indexes=[1]), **ids)
+        model, processor_class = Qwen2_5_VLForConditionalGeneration(config), Qwen2_5_VLProcessor
+    else:
+        raise ValueError(f"unknown tiny Qwen family {family!r}")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
+                                            chat_template=QWEN_CHAT_TEMPLATE)
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl")

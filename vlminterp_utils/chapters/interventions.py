@@ -238,6 +238,7 @@ class CleanRun:
 
         def take_embeds(module, args, kwargs):
             captured["embeds"] = kwargs["inputs_embeds"]
+            captured["positions"] = kwargs.get("position_ids")  # Qwen-VL's M-RoPE positions, computed outside
 
         def take_output(module, args, output):
             if not isinstance(output, torch.Tensor):
@@ -252,7 +253,7 @@ class CleanRun:
         finally:
             for h in handles:
                 h.remove()
-        self.embeds, self.logits = captured["embeds"], out.logits[:, -1]
+        self.embeds, self.positions, self.logits = captured["embeds"], captured["positions"], out.logits[:, -1]
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
         self.cache_argument = _cache_argument(adapter.language_model)  # once, not per knockout
@@ -285,8 +286,10 @@ class CleanRun:
             return self.logits
         start = int(queries[0])
         language_model = self.adapter.language_model
-        cache = {self.cache_argument: self._prefix_cache(start)}
+        kwargs = {self.cache_argument: self._prefix_cache(start)}
+        if self.positions is not None:  # the positions the model gave these tokens (M-RoPE), not recomputed ones
+            kwargs["position_ids"] = self.positions[..., start:]
         with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
             hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self.attention_mask,
-                                    use_cache=True, **cache).last_hidden_state
+                                    use_cache=True, **kwargs).last_hidden_state
         return self.adapter.unembedding(hidden[:, -1])

@@ -95,16 +95,6 @@ ABLATIONS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------------------------- statistics
 
-def _vision_states(adapter, vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Every vision-tower layer's patch tokens per image (the CLS token dropped when the model drops it; the
-    tokens of all of an image's tiles together for LLaVA-NeXT)."""
-    pixels = vision["pixel_values"]
-    n = pixels.shape[0]
-    out = adapter.vision_tower(pixel_values=pixels.flatten(0, pixels.dim() - 4), output_hidden_states=True)
-    drop = 1 if adapter.config.vision_feature_select_strategy == "default" else 0
-    return tuple(h[:, drop:].reshape(n, -1, h.shape[-1]) for h in out.hidden_states[1:])
-
-
 def token_statistics(states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, layers, channels) mean and variance over tokens, per image."""
     return (torch.stack([h.mean(1) for h in states], 1), torch.stack([h.var(1, unbiased=False) for h in states], 1))
@@ -125,7 +115,7 @@ def concept_stats(adapter, color: str, shape: str, n_images: int = 32, seed: int
         rng = np.random.default_rng([seed, list(shapes.COLORS).index(color), shapes.SHAPES.index(shape)])
         images = [shapes.concept_scene(rng, color, shape, adapter.image_size).image for _ in range(n_images)]
         pixels = to_pixels(images, adapter.image_size).to(adapter.device)
-        mean, var = token_statistics(_vision_states(adapter, adapter.pixel_inputs(pixels)))
+        mean, var = token_statistics(adapter.vision_states(adapter.pixel_inputs(pixels)))
         return {"mean": mean.float().mean(0).cpu(), "var": var.float().mean(0).cpu()}
 
     return cached_tensors("concept_stats", key, build, cache=cache)
@@ -273,7 +263,7 @@ def loss_terms(adapter, pixels: torch.Tensor, batch: dict, stats: dict | None, c
     if config.ce > 0:
         terms["ce"] = config.ce * answer_cross_entropy(adapter, batch, vision).mean()
     if config.feature > 0:
-        terms["feature"] = config.feature * feature_loss(_vision_states(adapter, vision), stats)
+        terms["feature"] = config.feature * feature_loss(adapter.vision_states(vision), stats)
     if config.patch > 0:
         terms["patch"] = config.patch * patch_boundary_loss(pixels, adapter.patch_size)
     if config.tv_l1 > 0:

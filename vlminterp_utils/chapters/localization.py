@@ -43,7 +43,7 @@ class AblationSpec:
     modes: tuple[str, ...] = ("mean",)
     n: int = 64  # questions per setting
     seed: int = 0
-    question_suffix: str = ""  # e.g. " Answer with one word." (LLaVA-1.5's short-answer prompt)
+    question_suffix: str = ""  # e.g. SHORT_ANSWER, LLaVA-1.5's short-answer prompt (see answer_style)
     answer_prefix: str = ""  # what the answer starts with, e.g. "It is a" (Neo et al.)
     batch_size: int = 16  # bounds memory: the high-gradient control backpropagates through the LLM
     ig_steps: int = 8  # Riemann steps of the integrated gradients the high-gradient control ranks tokens by
@@ -110,7 +110,7 @@ class Item:
 
     example: shapes.Example
     target: int  # index into example.scene.objects
-    question_suffix: str = ""  # e.g. " Answer with one word." (LLaVA-1.5's short-answer prompt)
+    question_suffix: str = ""  # e.g. SHORT_ANSWER, LLaVA-1.5's short-answer prompt (see answer_style)
     answer_prefix: str = ""  # what the answer starts with, e.g. "It is a" (Neo et al.)
 
     @property
@@ -134,6 +134,21 @@ def single_target(ex: shapes.Example) -> int:
         raise ValueError(f"question {ex.question!r} is about {len(ex.targets)} objects, not one; chapter 1 "
                          "ablates the tokens of one object per question (VQA, or polling whose answer is yes)")
     return ex.targets[0]
+
+
+# The short-answer prompt of LLaVA-1.5's instruction data (Liu et al. 2023, "Improved Baselines with Visual
+# Instruction Tuning", Table 7, "response format prompts"); evaluation suites ask Qwen-VL, SmolVLM and Gemma 3 for
+# a one-word VQA answer with the same words.
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+
+def answer_style(model_id: str, question_suffix: str | None = None, answer_prefix: str = "") -> dict:
+    """How a chapter asks for the one word it scores: `question_suffix` as given, or by default none for the
+    embedded models (trained to answer in one word) and `SHORT_ANSWER` for any other checkpoint."""
+    from ..core.embedded import EMBEDDED_MODELS
+    if question_suffix is None:
+        question_suffix = "" if model_id in EMBEDDED_MODELS else SHORT_ANSWER
+    return {"question_suffix": question_suffix, "answer_prefix": answer_prefix}
 
 
 def make_items(setting: str, n: int, seed: int, image_size: int, question_suffix: str = "",

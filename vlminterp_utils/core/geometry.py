@@ -141,3 +141,22 @@ def bottom_row(regions: np.ndarray) -> np.ndarray:
     bottom = np.where(valid, regions[:, 3], -np.inf)
     heights = regions[valid, 3] - regions[valid, 1]
     return valid & (bottom > bottom.max() - heights.min() / 2)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's resize: the (height, width) nearest the image's whose sides are multiples of `factor` (a patch
+    times the merge size) and whose area lies in [min_pixels, max_pixels], aspect ratio kept as well as that
+    allows. The processor's own function (`transformers...image_processing_pil_qwen2_vl.smart_resize`)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as resize
+    return resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def merged_patch_regions(image_size: tuple[int, int], resized: tuple[int, int], cell: int) -> np.ndarray:
+    """Boxes, in original pixels, of Qwen-VL's visual tokens: the image resized to `resized` (height, width), cut
+    into `cell` px squares (2 x 2 patches merged into one token), row by row, as the merger orders them."""
+    width, height = image_size
+    new_h, new_w = resized
+    boxes = patch_boxes(new_h // cell, new_w // cell, cell)
+    boxes[:, [0, 2]] *= width / new_w
+    boxes[:, [1, 3]] *= height / new_h
+    return boxes

@@ -8,6 +8,7 @@ import torch
 
 from .embedded import EMBEDDED_MODELS, shapes_llava_checkpoint
 from .families import ADAPTERS, adapter_for
+from .processors import load_processor
 
 
 def default_device() -> str:
@@ -48,7 +49,7 @@ def load_vlm(name: str = "shapes-llava", device: str | torch.device | None = Non
     else:
         raise ValueError(f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED_MODELS)}), a hub id "
                          "such as 'llava-hf/llava-1.5-7b-hf', or a local folder saved with save_pretrained")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     try:
         family = model_family(str(path))
     except (OSError, ValueError) as err:
@@ -69,5 +70,5 @@ def load_vlm(name: str = "shapes-llava", device: str | torch.device | None = Non
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model = (model if load_in_4bit else model.to(device)).eval()
     model.requires_grad_(False)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(str(path))
     return model, processor, adapter_for(model, processor)

@@ -109,15 +109,17 @@ def answer_token_losses(adapter, batch: dict[str, torch.Tensor],
                         vision: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every answer token (`batch["loss_mask"]`), and the batch row of each.
 
-    `vision` holds the image inputs (`pixel_values`, and `image_sizes` for LLaVA-NeXT) when they are not in the
-    batch, e.g. differentiable pixels from `adapter.pixel_inputs`. The unembedding runs at answer positions alone:
-    it is as wide as the vocabulary, and a prompt has far more positions than its answer. Training the embedded
-    model and MIMIC's inversion both use this loss.
+    `vision` holds the image inputs (`pixel_values`, and `image_sizes` for LLaVA-NeXT or `image_grid_thw` for
+    Qwen-VL) when they are not in the batch, e.g. differentiable pixels from `adapter.pixel_inputs`. The
+    unembedding runs at answer positions alone: it is as wide as the vocabulary, and a prompt has far more
+    positions than its answer.
+    Training the embedded model and MIMIC's inversion both use this loss.
     """
     vision = vision if vision is not None else {k: v for k, v in batch.items() if k in ("pixel_values",
-                                                                                         "image_sizes")}
+                                                                                         "image_sizes",
+                                                                                         "image_grid_thw")}
     hidden = adapter.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      **vision).last_hidden_state
+                                      **adapter.token_types(batch["input_ids"]), **vision).last_hidden_state
     predicts = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
     logits = adapter.unembedding(hidden[:, :-1][predicts]).float()
     losses = F.cross_entropy(logits, batch["input_ids"][:, 1:][predicts], reduction="none")

@@ -6,8 +6,10 @@ from torch import nn
 from .base import VLMAdapter, check_image, pad_to_square
 from .llava import LlavaAdapter, component_sizes
 from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter,
+                                         "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen25VLAdapter}
 
 
 def adapter_for(model: nn.Module, processor) -> VLMAdapter:
@@ -18,5 +20,5 @@ def adapter_for(model: nn.Module, processor) -> VLMAdapter:
     return ADAPTERS[family](model, processor)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "VLMAdapter", "adapter_for", "check_image",
-           "component_sizes", "pad_to_square"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "VLMAdapter",
+           "adapter_for", "check_image", "component_sizes", "pad_to_square"]

@@ -59,6 +59,11 @@ class VLMAdapter:
     def check_visual_count(self, n: int) -> None:
         """Refuse a count of image tokens this adapter cannot map to image regions."""
 
+    def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs besides `input_ids` that a family computes from them (Qwen-VL's `mm_token_type_ids`), for
+        batches built without the processor (teacher-forced answers); none for most families."""
+        return {}
+
     # ------------------------------------------------------------------------------------------ geometry
     def token_regions(self, image_size: tuple[int, int]) -> np.ndarray:
         """(n_visual, 4): the box `(x0, y0, x1, y1)`, in the original image's pixels, that each visual token

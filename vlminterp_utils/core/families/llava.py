@@ -85,6 +85,15 @@ class LlavaAdapter(VLMAdapter):
         """Differentiable image inputs for (batch, 3, side, side) pixels in [0, 1] at the tower's own size."""
         return {"pixel_values": self.normalize(pixels).to(next(self.model.parameters()).dtype)}
 
+    def vision_states(self, vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every vision-tower layer's patch tokens, (batch, patches, width) per layer: the CLS token dropped when
+        the model drops it, the tokens of all of an image's tiles together for LLaVA-NeXT."""
+        pixels = vision["pixel_values"]
+        n = pixels.shape[0]
+        out = self.vision_tower(pixel_values=pixels.flatten(0, pixels.dim() - 4), output_hidden_states=True)
+        drop = 1 if self.strategy == "default" else 0
+        return tuple(h[:, drop:].reshape(n, -1, h.shape[-1]) for h in out.hidden_states[1:])
+
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.base_model.vision_tower

@@ -1,0 +1,55 @@
+"""Processors that work without torchvision.
+
+Qwen-VL's, SmolVLM's and LLaVA-OneVision's processors hold a video processor, and transformers builds video
+processors only with torchvision. Where torchvision cannot be installed (a CPU machine whose registry has only a
+CUDA build), `AutoProcessor` then fails for those families although the chapters never pass a video. There,
+`load_processor` builds the family's own processor class without its video part (`image_only`): the same image
+processor (its `*ImageProcessorPil` fallback), tokenizer, chat template and token expansion. With torchvision
+(Colab), `AutoProcessor` loads the real one and nothing here runs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+
+
+def has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@functools.cache
+def image_only(processor_class: type) -> type:
+    """A subclass of `processor_class` whose only parts are its image processor and tokenizer.
+
+    Its `__init__` runs the family's own with `video_processor=None`: `ProcessorMixin` takes the parts named in
+    the subclass's signature (image processor, tokenizer) and never looks the video class up. Saved with
+    `save_pretrained`, it writes the family's class name, so a machine with torchvision loads the full one.
+    """
+    if "video_processor" not in inspect.signature(processor_class.__init__).parameters:
+        return processor_class
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                 chat_template=chat_template, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,),
+                {"__init__": __init__, "__module__": processor_class.__module__,
+                 "__doc__": f"{processor_class.__name__} without its video processor (no torchvision here)."})
+
+
+def load_processor(path: str):
+    """The checkpoint's processor: `AutoProcessor`'s, or without torchvision the family's image-only one."""
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, AttributeError, ImportError) as err:
+        if has_torchvision():
+            raise
+        import transformers
+        from transformers.processing_utils import ProcessorMixin
+        name = ProcessorMixin.get_processor_dict(path)[0].get("processor_class")
+        if not name or not hasattr(transformers, name):
+            raise ValueError(f"cannot build the processor of {path!r} without torchvision ({err}); "
+                             "install torchvision, or load a checkpoint whose processor needs no video part") from err
+        return image_only(getattr(transformers, name)).from_pretrained(path)
