@@ -229,3 +229,19 @@ def test_flip_rate_and_its_exact_interval():
     assert stats.flip_rate(before, after) == 0.4
     mean, lo, hi = stats.flip_ci(before, after)
     assert mean == 0.4 and (lo, hi) == pytest.approx((0.1216, 0.7376), abs=1e-4)  # Clopper-Pearson, 4 of 10
+
+
+def test_a_visual_selection_goes_to_its_sequence_positions(tiny):
+    """`on_sequence` turns the ablation's (batch, n_visual) selection into the knockout's (batch, seq) one, item
+    by item under left padding; a mask of the wrong shape is an error that says which shapes."""
+    _, _, adapter = tiny
+    examples = [shapes.example(0, i, "caption", size=adapter.image_size) for i in range(2)]
+    batch = adapter.inputs([e.scene.image for e in examples], ["Hi", "Describe the image in detail, please."])
+    positions = adapter.visual_positions(batch["input_ids"])
+    visual = torch.zeros(positions.shape, dtype=torch.bool)
+    visual[0, 0], visual[1, -1] = True, True
+    seq = I.on_sequence(adapter, batch["input_ids"], visual)
+    assert seq.shape == batch["input_ids"].shape and seq.sum() == 2
+    assert seq[0, positions[0, 0]] and seq[1, positions[1, -1]] and positions[0, 0] != positions[1, 0]
+    with pytest.raises(ValueError, match="does not match the visual tokens"):
+        I.on_sequence(adapter, batch["input_ids"], visual[:, 1:])

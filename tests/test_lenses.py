@@ -2,8 +2,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from vlminterp_utils import lenses, shapes
+from vlminterp_utils import lenses, readout, shapes
 
 
 @pytest.fixture
@@ -148,3 +149,23 @@ def test_the_chance_figures_draw_every_lens_and_reading():
     above = lenses.above_chance(judged, n_boot=50)
     fig = plotting.above_chance_panels(above)
     assert len(fig.axes) == 2 and all(len(ax.get_legend().get_texts()) == 2 for ax in fig.axes)
+
+
+def test_the_residual_stream_is_hfs_hidden_states_but_for_the_final_norm(tiny):
+    """Depth d < n_layers is HF's hidden_states[d]; depth n_layers is the last layer's output before the final
+    norm, so the logit lens there gives the model's own logits (HF's last entry is already normed: the lens on
+    it would apply the norm twice)."""
+    _, _, adapter = tiny
+    examples = [shapes.example(0, i, "caption", size=adapter.image_size) for i in range(2)]
+    batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
+    with torch.no_grad(), readout.record_residual_stream(adapter) as stream:
+        out = adapter.model(**batch, output_hidden_states=True, logits_to_keep=1)
+    assert len(stream) == adapter.n_layers + 1
+    for depth in range(adapter.n_layers):
+        assert torch.equal(stream[depth], out.hidden_states[depth])
+    assert torch.allclose(adapter.final_norm(stream[-1]), out.hidden_states[-1], atol=1e-6)
+    probs = lenses.LogitLens(adapter).scores(stream[-1][:, -1])
+    assert torch.allclose(probs, out.logits[:, -1].float().softmax(-1), atol=1e-6)
+    states = readout.visual_hidden_states(adapter, examples)
+    pos = adapter.visual_positions(batch["input_ids"])
+    assert torch.equal(states[-1], stream[-1][torch.arange(2)[:, None], pos])

@@ -2,6 +2,13 @@
 
 Everything works on batches and on any model the adapter supports. Hooks are registered inside context managers
 and removed on exit, also when the body raises.
+
+Two conventions hold for every intervention. Layers: decoder layers are numbered 0 .. n_layers - 1 (the knockout's
+`layers`); the residual stream a lens reads has depths 0 .. n_layers, depth d + 1 being what layer d writes
+(`readout.record_residual_stream`). Token selections: a selection of visual tokens is a (batch, n_visual) bool
+mask, in the visual tokens' sequence order (the ablation's `token_mask`, `object_tokens`); attention edges also
+involve text positions, so the knockout takes (batch, seq) masks over the whole sequence, made from visual
+masks with `on_sequence`.
 """
 from __future__ import annotations
 
@@ -153,6 +160,17 @@ def depth_presets(n_layers: int) -> dict[str, list[int]]:
     """Neo et al.'s layer presets (early, early-mid, mid, mid-late, late, all), scaled from 32 layers to this depth."""
     scale = lambda b: min(n_layers, int(b * n_layers / 32 + 0.5))  # noqa: E731
     return {name: list(range(scale(a), max(scale(b), scale(a) + 1))) for name, (a, b) in OFFICIAL_PRESETS.items()}
+
+
+def on_sequence(adapter, input_ids: torch.Tensor, visual_mask) -> torch.Tensor:
+    """(batch, seq) bool: a selection of visual tokens, (batch, n_visual), placed at their sequence positions."""
+    visual_mask = torch.as_tensor(visual_mask, dtype=torch.bool)
+    positions = adapter.visual_positions(input_ids)  # (batch, n_visual)
+    if visual_mask.shape != positions.shape:
+        raise ValueError(f"visual mask {tuple(visual_mask.shape)} does not match the visual tokens "
+                         f"{tuple(positions.shape)} (batch, n_visual)")
+    out = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return out.scatter_(1, positions.to(out.device), visual_mask.to(out.device))
 
 
 def block_matrix(seq_len: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Lenses that read a hidden state as words, and the shapes-world rule for when a reading counts as right.
 
 Every lens has one interface: `lens.describe(hidden_states, layer, k)` -> for each token, its top-k words with
-scores. `hidden_states` is what the model returns with `output_hidden_states=True` (embeddings first, then one
-entry per layer), or a single tensor for the chosen layer.
+scores. `hidden_states` is the residual stream by depth (`readout.record_residual_stream`: the input at depth 0,
+the output of decoder layer d - 1 at depth d, the last before the final norm), or a single tensor for one depth.
 """
 from __future__ import annotations
 

@@ -491,19 +491,15 @@ def knockout_blocks(adapter, items: list[Item], batch: dict, seed: int = 0) -> d
     rng = np.random.default_rng(seed)
     ids = batch["input_ids"]
     seq = ids.shape[1]
-    visual_pos = adapter.visual_positions(ids)
-    obj = torch.zeros_like(ids, dtype=torch.bool)
-    last_row = torch.zeros_like(obj)
-    for b, it in enumerate(items):
-        tokens = torch.as_tensor(I.object_tokens(adapter, it.example.scene, 1, [it.target]))
-        bottom = torch.as_tensor(geometry.bottom_row(adapter.token_regions(it.example.scene.image.size)))
-        obj[b, visual_pos[b][tokens]] = True
-        last_row[b, visual_pos[b][bottom]] = True
+    obj = I.on_sequence(adapter, ids, np.stack([I.object_tokens(adapter, it.example.scene, 1, [it.target])
+                                                for it in items]))
+    last_row = I.on_sequence(adapter, ids, np.stack([geometry.bottom_row(adapter.token_regions(
+        it.example.scene.image.size)) for it in items]))
     visual = ids == adapter.image_token_id
     others = visual & ~obj & ~last_row
     matched = torch.zeros_like(obj)
     for b in range(len(items)):  # as many random others as the object has tokens (fewer if fewer exist)
-        pool = others[b].nonzero().flatten().numpy()
+        pool = others[b].nonzero().flatten().cpu().numpy()
         matched[b, rng.choice(pool, size=min(int(obj[b].sum()), len(pool)), replace=False)] = True
     last = torch.zeros_like(obj)
     last[:, -1] = True

@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..core import shapes, stats
-from ..core.readout import visual_hidden_states
+from ..core.readout import record_residual_stream, visual_hidden_states
 from . import lenses
 
 TARGETS = ("colour", "shape")
@@ -118,7 +118,8 @@ def text_word_states(adapter, concepts=None) -> tuple[torch.Tensor, pd.DataFrame
     for color, shape in concepts:
         sentence = TEXT_TEMPLATE.format(color=color, shape=shape)
         ids = tok(sentence, return_tensors="pt", add_special_tokens=False)["input_ids"].to(adapter.device)
-        hidden = adapter.language_model(input_ids=ids, output_hidden_states=True).hidden_states
+        with record_residual_stream(adapter) as hidden:  # depth 0 .. n_layers, none after the final norm
+            adapter.language_model(input_ids=ids)
         for part, word in (("colour", color), ("shape", shape)):
             end = sentence.index(f" {word} ") + len(word) + 1  # the word's last character
             position = len(tok(sentence[:end], add_special_tokens=False)["input_ids"]) - 1

@@ -89,12 +89,41 @@ def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
     return captured[0]
 
 
+@contextmanager
+def record_residual_stream(adapter):
+    """Within the block, a forward pass fills the list this yields with the residual stream, by depth.
+
+    The book's one convention for layers: decoder layers (blocks) are numbered 0 .. n_layers - 1, as the
+    knockout takes them; depth d is the stream block d reads, so depth 0 is the input embeddings as the first
+    block gets them and depth d + 1 is what block d writes. The last depth, n_layers, is the last block's output
+    *before* the final norm (HF's `output_hidden_states` puts the normed state there instead, so a lens that
+    applies the norm would apply it twice). Entries are (batch, seq, d_model).
+    """
+    stream = []
+
+    def take_input(module, args, kwargs):
+        stream.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def take_output(module, args, output):
+        stream.append(output)
+
+    handles = [adapter.layers[0].register_forward_pre_hook(take_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(take_output) for layer in adapter.layers]
+    try:
+        yield stream
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def visual_hidden_states(adapter, examples) -> torch.Tensor:
-    """(layers + 1, batch, n_visual, d_model): every layer's hidden state at the visual tokens of `examples`
-    (anything with `.scene.image` and `.question`)."""
+    """(n_layers + 1, batch, n_visual, d_model): the residual stream at the visual tokens of `examples` (anything
+    with `.scene.image` and `.question`), depth by depth (`record_residual_stream`: depth 0 the input, depth d
+    the output of decoder layer d - 1, the last one before the final norm)."""
     batch = adapter.inputs([e.scene.image for e in examples], [e.question for e in examples])
-    hidden = forward(adapter, batch, hidden_states=True).hidden_states
+    with record_residual_stream(adapter) as hidden:
+        adapter.model(**batch, logits_to_keep=1)
     pos = adapter.visual_positions(batch["input_ids"])
     rows = torch.arange(len(examples))[:, None]
     return torch.stack([h[rows, pos] for h in hidden])
