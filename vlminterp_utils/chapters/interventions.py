@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import shapes
+from ..core import shapes, sites
 from ..core.readout import answer_logits, edit_visual_inputs, visual_embeddings
 from ..core.storage import cache_key, cached_tensors
 
@@ -212,26 +212,18 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
     if adapter.attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"knockout supports eager and sdpa attention, not {adapter.attn_implementation!r}: "
                          "model.set_attn_implementation('sdpa')")
-    handles = []
-
-    def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        mask, n_q = kwargs.get("attention_mask"), hidden.shape[1]
+    def close_edges(layer, mask, call):  # at the `attention_mask` site of each chosen layer
+        hidden = call["hidden_states"] if "hidden_states" in call else call["args"][0]
+        n_q = hidden.shape[1]
         if mask is not None:
             n_k = mask.shape[-1]
         else:  # keys: the cached ones (transformers 5.24 renamed `past_key_values` to `cache`) and the new ones
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            n_k = n_q + (cache.get_seq_length(module.layer_idx) if cache is not None else 0)
-        kwargs["attention_mask"] = _knocked_out(mask, block, n_q, n_k)
-        return args, kwargs
+            cache = call.get("cache", call.get("past_key_values"))
+            n_k = n_q + (cache.get_seq_length(layer) if cache is not None else 0)
+        return _knocked_out(mask, block, n_q, n_k)
 
-    try:
-        for i in layers:
-            handles.append(adapter.attention(i).register_forward_pre_hook(hook, with_kwargs=True))
+    with sites.hook(adapter, "attention_mask", close_edges, list(layers)):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _cache_argument(module) -> str:
@@ -254,23 +246,19 @@ class CleanRun:
         self.adapter, self.attention_mask = adapter, batch["attention_mask"]
         captured, self.layer_outputs = {}, []
 
-        def take_embeds(module, args, kwargs):
-            captured["embeds"] = kwargs["inputs_embeds"]
-            captured["positions"] = kwargs.get("position_ids")  # Qwen-VL's M-RoPE positions, computed outside
+        def take_embeds(layer, embeds, call):
+            captured["embeds"] = embeds
+            captured["positions"] = call.get("position_ids")  # Qwen-VL's M-RoPE positions, computed outside
 
-        def take_output(module, args, output):
+        def take_output(layer, output, call):
             if not isinstance(output, torch.Tensor):
-                raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor: "
+                raise TypeError(f"decoder layer {layer} returns {type(output).__name__}, not a tensor: "
                                 "CleanRun needs transformers>=5")
             self.layer_outputs.append(output)
 
-        handles = [adapter.language_model.register_forward_pre_hook(take_embeds, with_kwargs=True)]
-        handles += [layer.register_forward_hook(take_output) for layer in adapter.layers]
-        try:
+        with sites.hook(adapter, "llm_input", take_embeds), \
+                sites.hook(adapter, "layer_output", take_output, range(adapter.n_layers)):
             out = adapter.model(**batch, use_cache=True, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
         self.embeds, self.positions, self.logits = captured["embeds"], captured["positions"], out.logits[:, -1]
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
@@ -283,16 +271,10 @@ class CleanRun:
             cache.update(k[..., :length, :], v[..., :length, :], i)
         return cache
 
-    @contextmanager
     def _replayed(self, layers: range, start: int):
         """Within the block, the chosen decoder layers return their clean outputs from `start` on, uncomputed."""
-        for i in layers:
-            self.adapter.layers[i].forward = lambda *args, _out=self.layer_outputs[i], **kwargs: _out[:, start:]
-        try:
-            yield
-        finally:
-            for i in layers:
-                del self.adapter.layers[i].forward
+        return sites.hook(self.adapter, "layer_output", lambda layer, _, call: self.layer_outputs[layer][:, start:],
+                          layers, skip=True)
 
     @torch.no_grad()
     def answer_logits(self, block: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:

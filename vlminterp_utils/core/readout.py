@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import sites
+
 
 @torch.no_grad()
 def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool = False, logits_to_keep: int = 1):
@@ -30,63 +32,43 @@ def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | No
     """Within the block, the visual tokens of every prompt, as the LLM receives them (batch, n_visual, d_model),
     pass through `edit`, which returns their replacement (or None to leave them).
 
-    The hooks sit where every model family hands its merged sequence to the LLM, and find the visual tokens from
-    `input_ids == image_token_id`, so they work whatever the projector's output shape (LLaVA-NeXT's tiles). Only
-    a forward pass whose `input_ids` hold image tokens is edited: tokens generated afterwards are untouched.
+    The edit sits at the `llm_input` site (`core.sites`), where every model family hands its merged sequence to
+    the LLM, and finds the visual tokens from `input_ids == image_token_id` at `model_input`, so it works
+    whatever the projector's output shape (LLaVA-NeXT's tiles). Only a forward pass whose `input_ids` hold image
+    tokens is edited: tokens generated afterwards are untouched.
     """
     state = {}
 
-    def find_positions(module, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+    def find_positions(layer, ids, call):
         has_image = ids is not None and bool((ids == adapter.image_token_id).any())
         state["positions"] = adapter.visual_positions(ids) if has_image else None
 
-    def replace(module, args, kwargs):
-        positions, embeds = state.get("positions"), kwargs.get("inputs_embeds")
+    def replace(layer, embeds, call):
+        positions = state.get("positions")
         if positions is None or embeds is None:
             return None
         rows = torch.arange(embeds.shape[0], device=embeds.device)[:, None]
-        new = edit(embeds[rows, positions])
+        new = edit(embeds[rows, positions])  # (batch, n_visual, d_model)
         if new is None:
             return None
         embeds = embeds.clone()
         embeds[rows, positions] = new.to(embeds.dtype)
-        kwargs["inputs_embeds"] = embeds
-        return args, kwargs
+        return embeds
 
-    handles = [adapter.model.base_model.register_forward_pre_hook(find_positions, with_kwargs=True),
-               adapter.language_model.register_forward_pre_hook(replace, with_kwargs=True)]
-    try:
+    with sites.hook(adapter, "model_input", find_positions), sites.hook(adapter, "llm_input", replace):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class _Captured(Exception):
-    """Raised once the visual tokens are in hand: the LLM after them is not needed."""
 
 
 @torch.no_grad()
 def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
     """(batch, n_visual, d_model): the visual tokens as the LLM receives them (after the projector).
 
-    The forward pass stops where the LLM would start, so the LLM's layers and its vocabulary-wide unembedding
-    never run (with a tiny vision tower in front of a real LLM, they were nearly all of the cost)."""
-    captured = []
-
-    def capture(visual):
-        captured.append(visual.detach())
-        raise _Captured
-
-    try:
-        with edit_visual_inputs(adapter, capture):
-            adapter.model(**batch)
-    except _Captured:
-        pass
-    if not captured:
-        raise RuntimeError("the forward pass reached no visual tokens: does the batch hold an image?")
-    return captured[0]
+    The forward pass stops where the LLM would start (`sites.capture`), so the LLM's layers and its
+    vocabulary-wide unembedding never run (with a tiny vision tower in front of a real LLM, they were nearly all
+    of the cost)."""
+    embeds = sites.capture(adapter, "llm_input", batch)  # (batch, seq, d_model)
+    positions = adapter.visual_positions(batch["input_ids"]).to(embeds.device)
+    return embeds[torch.arange(len(embeds), device=embeds.device)[:, None], positions]
 
 
 @contextmanager
@@ -94,26 +76,17 @@ def record_residual_stream(adapter):
     """Within the block, a forward pass fills the list this yields with the residual stream, by depth.
 
     The book's one convention for layers: decoder layers (blocks) are numbered 0 .. n_layers - 1, as the
-    knockout takes them; depth d is the stream block d reads, so depth 0 is the input embeddings as the first
-    block gets them and depth d + 1 is what block d writes. The last depth, n_layers, is the last block's output
-    *before* the final norm (HF's `output_hidden_states` puts the normed state there instead, so a lens that
-    applies the norm would apply it twice). Entries are (batch, seq, d_model).
+    knockout takes them; depth d is the stream block d reads (the `layer_input` site of layer d), so depth 0 is
+    the input embeddings as the first block gets them and depth d + 1 is what block d writes (`layer_output`).
+    The last depth, n_layers, is the last block's output *before* the final norm (HF's `output_hidden_states`
+    puts the normed state there instead, so a lens that applies the norm would apply it twice). Entries are
+    (batch, seq, d_model).
     """
     stream = []
-
-    def take_input(module, args, kwargs):
-        stream.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-
-    def take_output(module, args, output):
-        stream.append(output)
-
-    handles = [adapter.layers[0].register_forward_pre_hook(take_input, with_kwargs=True)]
-    handles += [layer.register_forward_hook(take_output) for layer in adapter.layers]
-    try:
+    layers = range(adapter.n_layers)
+    with sites.hook(adapter, "layer_input", lambda layer, h, call: stream.append(h), [0]), \
+            sites.hook(adapter, "layer_output", lambda layer, h, call: stream.append(h), layers):
         yield stream
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
