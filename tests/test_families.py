@@ -13,7 +13,7 @@ from vlminterp_utils import lenses, localization as L, models, readout, shapes
 
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
             "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
-            "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None)}
+            "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -111,7 +111,7 @@ def test_llava_next_pixel_inputs_match_the_processor(smol_tokenizer):
     assert torch.allclose(got["pixel_values"], expected, atol=1e-2)
 
 
-QWEN = ("qwen2-vl", "qwen2.5-vl")
+QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 @pytest.mark.parametrize("name", QWEN)
@@ -133,15 +133,18 @@ def test_qwen_regions_count_the_processors_tokens_and_partition_the_image(name, 
 
 @pytest.mark.parametrize("name", QWEN)
 def test_qwen_tokens_follow_the_mergers_order(name, smol_tokenizer):
-    """A toy layout: a 224 x 112 image is 4 rows of 8 tokens; a square painted on the token at row 1, column 5
-    touches that token alone, the 14th (1 * 8 + 5) in sequence order."""
+    """A toy layout: an image 8 tokens wide and 4 high (c = 28 px a token for Qwen2-VL, 32 for Qwen3-VL); a
+    square painted on the token at row 1, column 5 touches that token alone, the 14th (1 * 8 + 5) in order."""
     model, processor = build_tiny_qwen(name, smol_tokenizer)
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 112}
+    c = models.adapter_for(model, processor).cell
+    processor.image_processor.size = {"shortest_edge": 4 * c * c, "longest_edge": 8 * c * 4 * c}
     adapter = models.adapter_for(model, processor)
-    batch = adapter.inputs([Image.new("RGB", (224, 112))], ["Hi"])
-    assert adapter.resized((224, 112)) == (112, 224) and batch["image_grid_thw"][0].tolist() == [1, 8, 16]
-    mask = np.zeros((112, 224), bool)
-    mask[28 + 4:56 - 4, 5 * 28 + 4:6 * 28 - 4] = True
+    batch = adapter.inputs([Image.new("RGB", (8 * c, 4 * c))], ["Hi"])
+    patches = c // adapter.patch_size
+    assert adapter.resized((8 * c, 4 * c)) == (4 * c, 8 * c)
+    assert batch["image_grid_thw"][0].tolist() == [1, 4 * patches, 8 * patches]
+    mask = np.zeros((4 * c, 8 * c), bool)
+    mask[c + 4:2 * c - 4, 5 * c + 4:6 * c - 4] = True
     assert adapter.object_tokens(mask).nonzero()[0].tolist() == [13]
 
 
@@ -169,3 +172,40 @@ def test_a_qwen_processor_saved_here_loads_without_torchvision(tmp_path, smol_to
     a, b = processor(images=[image], text=[text], return_tensors="pt"), loaded(images=[image], text=[text],
                                                                                return_tensors="pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qwen3_vl_ablation_reaches_every_place_the_llm_receives_the_image(smol_tokenizer):
+    """DeepStack adds visual features after LLM layers 0 and 1. Zero-ablating every visual token must remove the
+    image at all three entry points: two different scenes then give the same answer logits. (Replacing the input
+    tokens alone leaves the image in the DeepStack features: the logits still differ.)"""
+    from vlminterp_utils.core.readout import edit_visual_inputs
+    model, processor = build_tiny_qwen("qwen3-vl", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    assert adapter.deepstack_levels == 2
+    scenes = [shapes.example(0, i, "caption", size=adapter.image_size).scene.image for i in range(2)]
+    batch = adapter.inputs(scenes, ["Describe the image."] * 2)
+    everything = torch.ones(adapter.visual_positions(batch["input_ids"]).shape, dtype=torch.bool)
+    with torch.no_grad():
+        with I.ablate(adapter, everything, "zero"):
+            ablated = readout.answer_logits(adapter, batch)
+        with edit_visual_inputs(adapter, torch.zeros_like):  # the input only
+            input_only = readout.answer_logits(adapter, batch)
+    assert torch.allclose(ablated[0], ablated[1], atol=1e-5)
+    assert not torch.allclose(input_only[0], input_only[1], atol=1e-3)
+
+
+def test_qwen3_vl_residual_stream_holds_the_deepstack_features(smol_tokenizer):
+    """Depth 1 is what layer 1 reads: layer 0's output plus DeepStack level 0 at the visual tokens."""
+    from vlminterp_utils.core import sites
+    model, processor = build_tiny_qwen("qwen3-vl", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    scene = shapes.example(0, 0, "caption", size=adapter.image_size).scene.image
+    batch = adapter.inputs([scene], ["Hi"])
+    outputs = []
+    with torch.no_grad(), readout.record_residual_stream(adapter) as stream, \
+            sites.hook(adapter, "layer_output", lambda layer, h, call: outputs.append(h), [0]):
+        adapter.model(**batch, logits_to_keep=1)
+    _, call = sites.capture(adapter, "llm_input", batch, with_call=True)
+    pos = adapter.visual_positions(batch["input_ids"])[0]
+    added = stream[1][0, pos] - outputs[0][0, pos]
+    assert torch.allclose(added, call["deepstack_visual_embeds"][0], atol=1e-5)

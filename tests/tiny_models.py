@@ -53,7 +53,7 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
       a Qwen2 LM;
     - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
       row-end tokens, a Llama LM;
-    - "qwen2-vl", "qwen2.5-vl": see `build_tiny_qwen`.
+    - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`.
     """
     if family.startswith("qwen"):
         return build_tiny_qwen(family, tokenizer, hidden, n_layers, seed)
@@ -116,14 +116,15 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def build_tiny_qwen(family: str = "qwen2-vl", tokenizer=None, hidden: int = 32, n_layers: int = 3, seed: int = 0):
-    """A tiny random Qwen2-VL ("qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl", window attention in the tower) and its
-    processor: 14 px patches merged 2 x 2, images resized into 56 x 56 to 112 x 112 px worth of area (so 4 to 16
-    visual tokens), M-RoPE in a Qwen2 LM. Built without torchvision: the processor is the image-only one."""
+    """A tiny random Qwen2-VL ("qwen2-vl"), Qwen2.5-VL ("qwen2.5-vl", window attention in the tower) or Qwen3-VL
+    ("qwen3-vl": 16 px patches, DeepStack) and its processor: patches merged 2 x 2, images resized into 4 x 4 to
+    8 x 8 patches worth of area (so 4 to 16 visual tokens), M-RoPE. Built without torchvision: the processor is
+    the image-only one."""
     import copy
 
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
-                              Qwen2VLProcessor)
+                              Qwen2VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
 
     from vlminterp_utils.core.processors import image_only
     tokenizer = copy.deepcopy(tokenizer or models.smollm2_tokenizer())
@@ -147,14 +148,21 @@ def build_tiny_qwen(family: str = "qwen2-vl", tokenizer=None, hidden: int = 32, 
             vision, intermediate_size=2 * hidden, out_hidden_size=hidden, window_size=56,
             fullatt_block_indexes=[1]), **ids)
         model, processor_class = Qwen2_5_VLForConditionalGeneration(config), Qwen2_5_VLProcessor
+    elif family == "qwen3-vl":  # 16 px patches; DeepStack from both tower blocks, after LLM layers 0 and 1
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+        vision = dict(vision, patch_size=16, intermediate_size=2 * hidden, out_hidden_size=hidden,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        config = Qwen3VLConfig(text_config=dict(text, head_dim=hidden // 2), vision_config=vision, **ids)
+        model, processor_class = Qwen3VLForConditionalGeneration(config), Qwen3VLProcessor
     else:
         raise ValueError(f"unknown tiny Qwen family {family!r}")
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
-                                               merge_size=2, temporal_patch_size=2)
+    patch = config.vision_config.patch_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=(4 * patch) ** 2, max_pixels=(8 * patch) ** 2,
+                                               patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
                                             chat_template=QWEN_CHAT_TEMPLATE)
     model.eval().requires_grad_(False)
     return model, processor
 
 
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import shapes, sites
+from ..core.sites import capture
 from ..core.readout import answer_logits, edit_visual_inputs, visual_embeddings
 from ..core.storage import cache_key, cached_tensors
 
@@ -29,34 +30,42 @@ MEAN_TOKEN_SEED = 20_000  # scenes for the dataset-mean visual token: disjoint f
 
 # ---------------------------------------------------------------------------------------------- ablation
 
-def replace_visual_tokens(adapter, token_mask: torch.Tensor, value: torch.Tensor):
+def replace_visual_tokens(adapter, token_mask: torch.Tensor, value: torch.Tensor,
+                          deepstack_value: torch.Tensor | None = None):
     """Within the block (a context manager), visual tokens where `token_mask` (batch, n_visual) is True are
     replaced by `value`: a vector (d_model,), or per token (n_visual, d_model) or (batch, n_visual, d_model).
 
     The replacement happens where the LLM receives the visual tokens, once per prompt, so generated tokens are
-    untouched.
+    untouched. Where the LLM receives them more than once (Qwen3-VL's DeepStack adds features to the visual
+    tokens after its first layers), the chosen tokens' features there are replaced too: by `deepstack_value`
+    (levels, d_model), by default zero (nothing added), so no trace of the token reaches the LLM.
     """
     token_mask = torch.as_tensor(token_mask, dtype=torch.bool)
 
-    def swap(visual):
+    def swap(visual, v):
         if token_mask.shape != visual.shape[:2]:
             raise ValueError(f"token mask {tuple(token_mask.shape)} does not match the visual tokens "
                              f"{tuple(visual.shape[:2])} (batch, n_visual)")
-        v = value.to(visual.dtype).to(visual.device).expand_as(visual)
+        v = v.to(visual.dtype).to(visual.device).expand_as(visual)
         return torch.where(token_mask.to(visual.device)[..., None], v, visual)
 
-    return edit_visual_inputs(adapter, swap)
+    def swap_deepstack(level, features):
+        return swap(features, torch.zeros(()) if deepstack_value is None else deepstack_value[level])
+
+    return edit_visual_inputs(adapter, lambda visual: swap(visual, value), swap_deepstack)
 
 
 def ablate(adapter, token_mask, mode: str | torch.Tensor = "mean", mean_token: torch.Tensor | None = None):
-    """Mean-, zero- or vector-ablate the chosen visual tokens (a context manager)."""
+    """Mean-, zero- or vector-ablate the chosen visual tokens (a context manager). With DeepStack (Qwen3-VL),
+    the mean ablation puts each level's mean feature in place of the token's, the others zero."""
     if isinstance(mode, torch.Tensor):
         return replace_visual_tokens(adapter, token_mask, mode)
     if mode == "zero":
         return replace_visual_tokens(adapter, token_mask, torch.zeros(adapter.text_config.hidden_size))
     if mode == "mean":
+        deepstack = mean_deepstack_features(adapter) if adapter.deepstack_levels else None
         return replace_visual_tokens(adapter, token_mask, mean_token if mean_token is not None
-                                     else mean_visual_token(adapter))
+                                     else mean_visual_token(adapter), deepstack)
     raise ValueError(f"unknown ablation mode {mode!r}: use 'mean', 'zero' or a tensor")
 
 
@@ -64,21 +73,40 @@ def mean_visual_token(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, 
                       cache: bool = True) -> torch.Tensor:
     """The dataset-mean visual token over held-out shapes-world scenes (every token that shows a patch), cached as
     safetensors."""
+    return _mean_tokens(adapter, n_images, seed, batch_size, cache)["mean"]
+
+
+def mean_deepstack_features(adapter, n_images: int = 64, seed: int = MEAN_TOKEN_SEED, batch_size: int = 16,
+                            cache: bool = True) -> torch.Tensor:
+    """(levels, d_model): Qwen3-VL's mean DeepStack feature per level, over the scenes of `mean_visual_token`."""
+    if not adapter.deepstack_levels:
+        raise ValueError(f"{adapter.family} adds no DeepStack features: its visual tokens enter only at the input")
+    return _mean_tokens(adapter, n_images, seed, batch_size, cache)["deepstack"]
+
+
+def _mean_tokens(adapter, n_images, seed, batch_size, cache) -> dict[str, torch.Tensor]:
     fingerprint = float(next(adapter.projector.parameters()).double().sum())  # retrained weights: a new key
     key = cache_key(adapter.config.name_or_path, n_images, seed, adapter.image_size, fingerprint)
 
     def build():
-        total, count = None, 0
+        total, deepstack, count = 0.0, 0.0, 0
         for start in tqdm(range(0, n_images, batch_size), desc="mean visual token", leave=False):
             exs = [shapes.example(seed, i, "caption", size=adapter.image_size)
                    for i in range(start, min(start + batch_size, n_images))]
             batch = adapter.inputs([e.scene.image for e in exs], [e.question for e in exs])
-            emb = visual_embeddings(adapter, batch).float()[:, adapter.patch_tokens(exs[0].scene.image.size)]
-            total = emb.sum((0, 1)) if total is None else total + emb.sum((0, 1))
+            shown = adapter.patch_tokens(exs[0].scene.image.size)
+            embeds, call = capture(adapter, "llm_input", batch, with_call=True)
+            positions = adapter.visual_positions(batch["input_ids"]).to(embeds.device)
+            emb = embeds[torch.arange(len(exs), device=embeds.device)[:, None], positions].float()[:, shown]
+            total = total + emb.sum((0, 1))
             count += emb.shape[0] * emb.shape[1]
-        return {"mean": (total / count).cpu()}
+            if adapter.deepstack_levels:  # (levels, batch, n_visual, d) -> summed over the shown tokens
+                levels = torch.stack([f.view(*positions.shape, -1) for f in call["deepstack_visual_embeds"]])
+                deepstack = deepstack + levels.float()[:, :, shown].sum((1, 2))
+        out = {"mean": (total / count).cpu()}
+        return {**out, "deepstack": (deepstack / count).cpu()} if adapter.deepstack_levels else out
 
-    return cached_tensors("mean_tokens", key, build, cache=cache)["mean"]
+    return cached_tensors("mean_tokens", key, build, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------- token selection
@@ -249,6 +277,7 @@ class CleanRun:
         def take_embeds(layer, embeds, call):
             captured["embeds"] = embeds
             captured["positions"] = call.get("position_ids")  # Qwen-VL's M-RoPE positions, computed outside
+            captured["deepstack"] = (call.get("visual_pos_masks"), call.get("deepstack_visual_embeds"))
 
         def take_output(layer, output, call):
             if not isinstance(output, torch.Tensor):
@@ -260,6 +289,7 @@ class CleanRun:
                 sites.hook(adapter, "layer_output", take_output, range(adapter.n_layers)):
             out = adapter.model(**batch, use_cache=True, logits_to_keep=1)
         self.embeds, self.positions, self.logits = captured["embeds"], captured["positions"], out.logits[:, -1]
+        self.deepstack = captured["deepstack"]
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
         self.cache_argument = _cache_argument(adapter.language_model)  # once, not per knockout
@@ -276,6 +306,16 @@ class CleanRun:
         return sites.hook(self.adapter, "layer_output", lambda layer, _, call: self.layer_outputs[layer][:, start:],
                           layers, skip=True)
 
+    def _deepstack_from(self, start: int) -> dict:
+        """Qwen3-VL's DeepStack features of the visual tokens at positions `start` on, for the replay."""
+        mask, features = self.deepstack
+        if mask is None or features is None:
+            return {}
+        order = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        order[mask] = torch.arange(int(mask.sum()), device=mask.device)  # row-major, as the features are stored
+        kept = order[:, start:][mask[:, start:]]
+        return {"visual_pos_masks": mask[:, start:], "deepstack_visual_embeds": [f[kept] for f in features]}
+
     @torch.no_grad()
     def answer_logits(self, block: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
         """The answer logits (batch, vocab) with `block`'s edges knocked out in `layers`, as
@@ -289,6 +329,7 @@ class CleanRun:
         kwargs = {self.cache_argument: self._prefix_cache(start)}
         if self.positions is not None:  # the positions the model gave these tokens (M-RoPE), not recomputed ones
             kwargs["position_ids"] = self.positions[..., start:]
+        kwargs.update(self._deepstack_from(start))
         with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
             hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self.attention_mask,
                                     use_cache=True, **kwargs).last_hidden_state

@@ -28,9 +28,14 @@ def forward(adapter, batch: dict, hidden_states: bool = False, attentions: bool 
 
 
 @contextmanager
-def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | None]):
+def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | None],
+                       edit_deepstack: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None):
     """Within the block, the visual tokens of every prompt, as the LLM receives them (batch, n_visual, d_model),
     pass through `edit`, which returns their replacement (or None to leave them).
+
+    Qwen3-VL's LLM receives visual features again after its first decoder layers (DeepStack: level i is added to
+    the visual tokens' stream after layer i). `edit_deepstack(level, features)` edits those, (batch, n_visual,
+    d_model) per level, the same way; without it they are left as they are.
 
     The edit sits at the `llm_input` site (`core.sites`), where every model family hands its merged sequence to
     the LLM, and finds the visual tokens from `input_ids == image_token_id` at `model_input`, so it works
@@ -47,13 +52,19 @@ def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | No
         positions = state.get("positions")
         if positions is None or embeds is None:
             return None
+        changed = {}
         rows = torch.arange(embeds.shape[0], device=embeds.device)[:, None]
         new = edit(embeds[rows, positions])  # (batch, n_visual, d_model)
-        if new is None:
-            return None
-        embeds = embeds.clone()
-        embeds[rows, positions] = new.to(embeds.dtype)
-        return embeds
+        if new is not None:
+            changed["inputs_embeds"] = embeds.clone()
+            changed["inputs_embeds"][rows, positions] = new.to(embeds.dtype)
+        deepstack = call.get("deepstack_visual_embeds")
+        if edit_deepstack is not None and deepstack is not None:
+            # each level is (batch * n_visual, d_model), the visual tokens of every prompt in sequence order
+            levels = [edit_deepstack(i, f.view(*positions.shape, -1)) for i, f in enumerate(deepstack)]
+            changed["deepstack_visual_embeds"] = [f if n is None else n.to(f.dtype).reshape(f.shape)
+                                                  for f, n in zip(deepstack, levels)]
+        return changed or None
 
     with sites.hook(adapter, "model_input", find_positions), sites.hook(adapter, "llm_input", replace):
         yield
@@ -77,15 +88,16 @@ def record_residual_stream(adapter):
 
     The book's one convention for layers: decoder layers (blocks) are numbered 0 .. n_layers - 1, as the
     knockout takes them; depth d is the stream block d reads (the `layer_input` site of layer d), so depth 0 is
-    the input embeddings as the first block gets them and depth d + 1 is what block d writes (`layer_output`).
+    the input embeddings as the first block gets them and depth d + 1 is what block d writes.
     The last depth, n_layers, is the last block's output *before* the final norm (HF's `output_hidden_states`
     puts the normed state there instead, so a lens that applies the norm would apply it twice). Entries are
-    (batch, seq, d_model).
+    (batch, seq, d_model). Depths below n_layers are read where the layers read them, so they hold Qwen3-VL's
+    DeepStack features, which are added between layers.
     """
     stream = []
-    layers = range(adapter.n_layers)
-    with sites.hook(adapter, "layer_input", lambda layer, h, call: stream.append(h), [0]), \
-            sites.hook(adapter, "layer_output", lambda layer, h, call: stream.append(h), layers):
+    last = adapter.n_layers - 1
+    with sites.hook(adapter, "layer_input", lambda layer, h, call: stream.append(h), range(adapter.n_layers)), \
+            sites.hook(adapter, "layer_output", lambda layer, h, call: stream.append(h), [last]):
         yield stream
 
 

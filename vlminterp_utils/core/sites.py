@@ -8,11 +8,12 @@
 | `"layer_output"` | d | (batch, seq, d_model) | what decoder layer d writes: depth d + 1 |
 | `"attention_mask"` | d | the mask layer d's attention gets | None, bool (True: may attend) or additive float |
 
-Layers are decoder layers, 0 .. n_layers - 1. `hook(adapter, site, fn, layers)` calls `fn(layer, value, call)` at the
-site in every forward pass within the block (`call`: the module's keyword arguments, for what else it was given);
-a tensor returned replaces the value, None leaves it. `skip=True` (layer outputs only) does not run the layer at
-all: `fn`'s return is its output. `capture` runs the model only as far as a site and returns the value there.
-Ablation, knockout, the residual stream and the knockout's replay all go through here.
+Layers are decoder layers, 0 .. n_layers - 1. `hook(adapter, site, fn, layers)` calls `fn(layer, value, call)`
+at the site in every forward pass within the block (`call`: the module's keyword arguments, for what else it was
+given); a tensor returned replaces the value, a dict changes those keyword arguments, None leaves all as it is.
+`skip=True` (layer outputs only) does not run the layer at all: `fn`'s return is its output. `capture` runs the
+model only as far as a site and returns the value there. Ablation, knockout, the residual stream and the
+knockout's replay all go through here.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def _pre_hook(site: str, layer, fn):
         new = fn(layer, value, {"args": args, **kwargs})
         if new is None:
             return None
+        if isinstance(new, dict):  # keyword arguments to change beside the value (Qwen3-VL's DeepStack)
+            kwargs.update(new)
+            return args, kwargs
         if positional:
             return (new, *args[1:]), kwargs
         kwargs[name] = new
@@ -95,11 +99,11 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def capture(adapter, site: str, batch: dict, layer: int | None = None) -> torch.Tensor:
-    """The value at `site` for `batch`; the forward pass stops there (e.g. the visual tokens without running
-    the LLM and its vocabulary-wide unembedding)."""
+def capture(adapter, site: str, batch: dict, layer: int | None = None, with_call: bool = False):
+    """The value at `site` for `batch` (and the call's keyword arguments, `with_call`); the forward pass stops
+    there (e.g. the visual tokens without running the LLM and its vocabulary-wide unembedding)."""
     def stop(layer, value, call):
-        raise _Reached(value)
+        raise _Reached((value, call) if with_call else value)
 
     try:
         with hook(adapter, site, stop, None if layer is None else [layer]):

@@ -6,10 +6,11 @@ from torch import nn
 from .base import VLMAdapter, check_image, pad_to_square
 from .llava import LlavaAdapter, component_sizes
 from .llava_next import LlavaNextAdapter
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter,
-                                         "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen25VLAdapter}
+                                         "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen25VLAdapter,
+                                         "qwen3_vl": Qwen3VLAdapter}
 
 
 def adapter_for(model: nn.Module, processor) -> VLMAdapter:
@@ -20,5 +21,5 @@ def adapter_for(model: nn.Module, processor) -> VLMAdapter:
     return ADAPTERS[family](model, processor)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "VLMAdapter",
-           "adapter_for", "check_image", "component_sizes", "pad_to_square"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter",
+           "VLMAdapter", "adapter_for", "check_image", "component_sizes", "pad_to_square"]

@@ -59,6 +59,12 @@ class VLMAdapter:
     def check_visual_count(self, n: int) -> None:
         """Refuse a count of image tokens this adapter cannot map to image regions."""
 
+    @property
+    def deepstack_levels(self) -> int:
+        """After how many of its first decoder layers the LLM receives visual features again (Qwen3-VL's
+        DeepStack); 0: the visual tokens enter only at the input."""
+        return 0
+
     def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs besides `input_ids` that a family computes from them (Qwen-VL's `mm_token_type_ids`), for
         batches built without the processor (teacher-forced answers); none for most families."""

@@ -144,3 +144,18 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     """`Qwen2_5_VLForConditionalGeneration`: Qwen2-VL's geometry; its tower's window attention is internal."""
 
     family = "qwen2_5_vl"
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """`Qwen3VLForConditionalGeneration`: Qwen2-VL's geometry with 16 px patches (so 32 px per token), and
+    DeepStack: features of several vision-tower layers, each through its own merger, are added to the visual
+    tokens' hidden states after the LLM's first `deepstack_levels` layers. The LLM thus receives the image at
+    its input and again after each of those layers: the ablation replaces a token at all of them
+    (`interventions.replace_visual_tokens`), the residual stream is read where layers read it (after the
+    additions), and the knockout's replay carries the additions of the positions it re-runs."""
+
+    family = "qwen3_vl"
+
+    @property
+    def deepstack_levels(self) -> int:
+        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
