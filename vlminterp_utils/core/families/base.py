@@ -205,6 +205,21 @@ class VLMAdapter:
                                                                   skip_special_tokens=True)]
 
 
+class SizeDependentTokens:
+    """For a family whose number of visual tokens depends on the image's size (LLaVA-NeXT's tiles, Qwen-VL's
+    dynamic resolution): any count is accepted, and `token_regions` says which token is what."""
+
+    family: str
+
+    @property
+    def n_visual_tokens(self) -> int:
+        raise AttributeError(f"{self.family}'s number of visual tokens depends on the image: use "
+                             "len(adapter.token_regions(image.size))")
+
+    def check_visual_count(self, n: int) -> None:
+        pass
+
+
 def check_image(image) -> Image.Image:
     """A PIL RGB image, or a clear error that says how to make one."""
     if isinstance(image, np.ndarray):

@@ -6,23 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry
+from .base import SizeDependentTokens
 from .llava import LlavaAdapter
 
 
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(SizeDependentTokens, LlavaAdapter):
     """`LlavaNextForConditionalGeneration` (LLaVA-NeXT, "anyres"): the base image's grid, then a grid over tiles
     of a larger canvas with a row-end token after each row. The number of visual tokens depends on the image's
     size; `grid` is the base image's."""
 
     family = "llava_next"
-
-    @property
-    def n_visual_tokens(self) -> int:
-        raise AttributeError("LLaVA-NeXT's number of visual tokens depends on the image: use "
-                             "len(adapter.token_regions(image.size))")
-
-    def check_visual_count(self, n: int) -> None:
-        pass  # any count: it depends on the image size; token_regions says which token is what
 
     def input_notes(self, image_size: tuple[int, int]) -> list[str]:
         """Only the tiny-image note: anyres tiles keep any aspect ratio."""

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import geometry
-from .base import VLMAdapter
+from .base import SizeDependentTokens, VLMAdapter
 
 SCENE_TOKENS = 16  # a square scene drawn at 16 x 16 visual tokens (448 px for Qwen2-VL), if max_pixels allows
 
 
-class Qwen2VLAdapter(VLMAdapter):
+class Qwen2VLAdapter(SizeDependentTokens, VLMAdapter):
     """`Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration` (the 2.5 tower's window
     attention changes nothing the chapters read: the tokens and their order are the same)."""
 
@@ -67,14 +67,6 @@ class Qwen2VLAdapter(VLMAdapter):
         """Rows and columns of visual tokens for a square scene of `image_size`."""
         h, w = self.resized((self.image_size, self.image_size))
         return h // self.cell, w // self.cell
-
-    @property
-    def n_visual_tokens(self) -> int:
-        raise AttributeError("Qwen-VL's number of visual tokens depends on the image: use "
-                             "len(adapter.token_regions(image.size))")
-
-    def check_visual_count(self, n: int) -> None:
-        pass  # any count: it depends on the image size; token_regions says which token is what
 
     def resized(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) the processor resizes an image of `image_size` (width, height) to."""
