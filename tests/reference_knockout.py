@@ -10,11 +10,13 @@ import torch
 from vlminterp_utils.core.readout import answer_logits
 
 
-def reference_knockout_logits(adapter, batch: dict, block: torch.Tensor, layers: Iterable[int]) -> torch.Tensor:
+def reference_knockout_logits(adapter, batch: dict, block: torch.Tensor, layers: Iterable[int],
+                              image_block: bool = False) -> torch.Tensor:
     """Answer logits from a from-scratch attention that masks blocked scores with -inf: the knockout's reference.
 
     Its causal and padding masks are rebuilt here from positions and the batch's attention mask, independently
-    of what the model passes around.
+    of what the model passes around; `image_block` lets the image tokens of a sequence attend to each other both
+    ways (Gemma 3, one image per prompt).
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -26,6 +28,9 @@ def reference_knockout_logits(adapter, batch: dict, block: torch.Tensor, layers:
         k, v = (repeat_kv(t, module.num_key_value_groups) for t in (key, value))
         scores = (query @ k.transpose(2, 3)) * scaling
         allowed = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)[None] & pad[:, None, -n_k:]
+        if image_block:
+            image = batch["input_ids"] == adapter.image_token_id
+            allowed |= image[:, -n_q:, None] & image[:, None, -n_k:]
         diagonal = torch.zeros(n_q, n_k, dtype=torch.bool)
         diagonal[torch.arange(n_q), torch.arange(n_q) + n_k - n_q] = True
         allowed |= diagonal[None]  # fully padded rows attend to themselves rather than to nothing

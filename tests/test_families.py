@@ -13,7 +13,8 @@ from vlminterp_utils import lenses, localization as L, models, readout, shapes
 
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
             "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
-            "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None)}
+            "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None),
+            "gemma3": ("gemma3", (4, 4), 16)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -209,3 +210,28 @@ def test_qwen3_vl_residual_stream_holds_the_deepstack_features(smol_tokenizer):
     pos = adapter.visual_positions(batch["input_ids"])[0]
     added = stream[1][0, pos] - outputs[0][0, pos]
     assert torch.allclose(added, call["deepstack_visual_embeds"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_gemma3_knockout_keeps_the_image_tokens_bidirectional_block(attention, smol_tokenizer):
+    """Gemma 3's image tokens attend to each other both ways. The knockout closes only its edges: it equals a
+    from-scratch -inf reference that has the block, padded batch, eager and sdpa; a reference without the block
+    gives other logits, so the block is really there."""
+    from reference_knockout import reference_knockout_logits
+    model, processor = build_tiny_family("gemma3", smol_tokenizer)
+    model.set_attn_implementation(attention)
+    adapter = models.adapter_for(model, processor)
+    scenes = [shapes.example(0, i, "caption", size=adapter.image_size).scene.image for i in range(2)]
+    batch = adapter.inputs(scenes, ["Hi", "Describe the image in detail, please."])
+    ids, seq = batch["input_ids"], batch["input_ids"].shape[1]
+    visual = ids == adapter.image_token_id
+    late = visual & (visual.cumsum(1) > 8)  # the image's second half reading its first half
+    last = torch.zeros_like(visual)
+    last[:, -1] = True
+    for block in (I.block_matrix(seq, last, visual), I.block_matrix(seq, late, visual & ~late)):
+        with torch.no_grad(), I.attention_knockout(adapter, block, [0, 2]):
+            knocked = readout.answer_logits(adapter, batch)
+        reference = reference_knockout_logits(adapter, batch, block, [0, 2], image_block=True)
+        assert torch.allclose(knocked, reference, atol=1e-5)
+    causal_only = reference_knockout_logits(adapter, batch, block, [0, 2], image_block=False)
+    assert not torch.allclose(knocked, causal_only, atol=1e-4)

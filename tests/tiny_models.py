@@ -53,10 +53,12 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
       a Qwen2 LM;
     - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
       row-end tokens, a Llama LM;
-    - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`.
+    - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`; "gemma3": see `build_tiny_gemma3`.
     """
     if family.startswith("qwen"):
         return build_tiny_qwen(family, tokenizer, hidden, n_layers, seed)
+    if family == "gemma3":
+        return build_tiny_gemma3(tokenizer, hidden, n_layers, seed)
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
@@ -165,4 +167,48 @@ def build_tiny_qwen(family: str = "qwen2-vl", tokenizer=None, hidden: int = 32, 
     return model, processor
 
 
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == "
+    "'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def build_tiny_gemma3(tokenizer=None, hidden: int = 32, n_layers: int = 3, seed: int = 0):
+    """A tiny random Gemma 3 and its processor: a SigLIP tower at 64 px in 8 px patches (8 x 8), pooled 2 x 2 to
+    16 tokens; sliding-window and full attention layers; the image tokens' bidirectional block from
+    `token_type_ids`; Gemma's chat format with SmolLM2's tokenizer and Gemma's image tokens added."""
+    import copy
+
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+    tokenizer = copy.deepcopy(tokenizer or models.smollm2_tokenizer())
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer.add_special_tokens({"additional_special_tokens": list(names.values())})
+    tokenizer._set_model_specific_special_tokens(names)
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=hidden // 2, query_pre_attn_scalar=hidden // 2, sliding_window=512,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"][:n_layers],
+                            max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = SiglipVisionConfig(image_size=64, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id)
+    config.text_config._attn_implementation = config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised at zero, which would make every visual token zero
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, hidden ** -0.5)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                                              image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=16)
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3")

@@ -278,6 +278,7 @@ class CleanRun:
             captured["embeds"] = embeds
             captured["positions"] = call.get("position_ids")  # Qwen-VL's M-RoPE positions, computed outside
             captured["deepstack"] = (call.get("visual_pos_masks"), call.get("deepstack_visual_embeds"))
+            captured["masks"] = call.get("attention_mask")  # Gemma 3: the masks it built, image blocks included
 
         def take_output(layer, output, call):
             if not isinstance(output, torch.Tensor):
@@ -289,7 +290,7 @@ class CleanRun:
                 sites.hook(adapter, "layer_output", take_output, range(adapter.n_layers)):
             out = adapter.model(**batch, use_cache=True, logits_to_keep=1)
         self.embeds, self.positions, self.logits = captured["embeds"], captured["positions"], out.logits[:, -1]
-        self.deepstack = captured["deepstack"]
+        self.deepstack, self.masks = captured["deepstack"], captured["masks"]
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
         self.keys_values = [(layer.keys, layer.values) for layer in cache.layers]
         self.cache_argument = _cache_argument(adapter.language_model)  # once, not per knockout
@@ -305,6 +306,14 @@ class CleanRun:
         """Within the block, the chosen decoder layers return their clean outputs from `start` on, uncomputed."""
         return sites.hook(self.adapter, "layer_output", lambda layer, _, call: self.layer_outputs[layer][:, start:],
                           layers, skip=True)
+
+    def _mask_from(self, start: int):
+        """The attention mask for the replay of positions `start` on: the model's own per-layer-type masks, their
+        query rows from `start` on, where it built them outside the LLM (Gemma 3's bidirectional image block,
+        which a causal mask rebuilt from the padding alone would lose); else the batch's padding mask."""
+        if isinstance(self.masks, dict) and all(isinstance(m, torch.Tensor) for m in self.masks.values()):
+            return {kind: m[:, :, start:] for kind, m in self.masks.items()}  # (batch, 1, queries, keys)
+        return self.attention_mask
 
     def _deepstack_from(self, start: int) -> dict:
         """Qwen3-VL's DeepStack features of the visual tokens at positions `start` on, for the replay."""
@@ -331,6 +340,6 @@ class CleanRun:
             kwargs["position_ids"] = self.positions[..., start:]
         kwargs.update(self._deepstack_from(start))
         with self._replayed(range(layers[0]), start), attention_knockout(self.adapter, block, layers):
-            hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self.attention_mask,
+            hidden = language_model(inputs_embeds=self.embeds[:, start:], attention_mask=self._mask_from(start),
                                     use_cache=True, **kwargs).last_hidden_state
         return self.adapter.unembedding(hidden[:, -1])

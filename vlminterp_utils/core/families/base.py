@@ -156,6 +156,10 @@ class VLMAdapter:
         says the fix); none for the family's base adapter."""
         return []
 
+    def images_per_prompt(self, images: list) -> list:
+        """The images as the processor takes them for one image per prompt (a flat list for most families)."""
+        return images
+
     def _note_inputs(self, images) -> None:
         for image in images:
             for note in self.input_notes(image.size):
@@ -185,7 +189,8 @@ class VLMAdapter:
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            batch = self.processor(images=images, text=[self.prompt(q) + a for q, a in zip(questions, prefixes)],
+            batch = self.processor(images=self.images_per_prompt(images),
+                                   text=[self.prompt(q) + a for q, a in zip(questions, prefixes)],
                                    return_tensors="pt", padding=True)
         finally:
             tok.padding_side = side
