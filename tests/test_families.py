@@ -235,3 +235,30 @@ def test_gemma3_knockout_keeps_the_image_tokens_bidirectional_block(attention, s
         assert torch.allclose(knocked, reference, atol=1e-5)
     causal_only = reference_knockout_logits(adapter, batch, block, [0, 2], image_block=False)
     assert not torch.allclose(knocked, causal_only, atol=1e-4)
+
+
+WIDE_IMAGE_NOTE = {"llava-1.5": "cropped image", "llava-interleave": "squashed image", "llava-next": None,
+                   "qwen2-vl": None, "qwen2.5-vl": None, "qwen3-vl": None, "gemma3": "squashed image"}
+
+
+def test_inputs_a_reader_will_try_on_every_family(family):
+    """A wide image gets the note its processor deserves (a crop or a squash says the fix; tiling and dynamic
+    resolution keep the aspect ratio and say nothing), a 1 x 1 image a warning, an empty question and a prompt
+    longer than the context an error that says the fix."""
+    import warnings
+    name, _, (model, processor, _) = family
+    adapter = models.adapter_for(model, processor)  # a fresh adapter: it has said nothing yet
+    wide = Image.new("RGB", (3 * adapter.image_size // 2, adapter.image_size // 2), (200, 200, 200))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        adapter.inputs([wide], ["What is it?"])
+    notes = [str(w.message) for w in said if issubclass(w.category, UserWarning)]
+    expected = WIDE_IMAGE_NOTE[name]
+    assert (notes == []) if expected is None else (len(notes) == 1 and notes[0].startswith(expected)), notes
+    with pytest.warns(UserWarning, match="tiny image: 1x1 px is smaller than one"):
+        adapter.inputs([Image.new("RGB", (1, 1))], ["What is it?"])
+    with pytest.raises(ValueError, match="question 1 is empty"):
+        adapter.inputs([wide, wide], ["What is it?", "  "])
+    context = adapter.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"LLM's context is {context}: shorten the question"):
+        adapter.inputs([wide], ["red " * (context + 10)])
