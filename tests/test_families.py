@@ -14,7 +14,8 @@ from vlminterp_utils import lenses, localization as L, models, readout, shapes
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
             "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
             "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None),
-            "gemma3": ("gemma3", (4, 4), 16)}
+            "gemma3": ("gemma3", (4, 4), 16), "idefics3": ("idefics3", (2, 2), None),
+            "smolvlm": ("smolvlm", (2, 2), None)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -238,7 +239,8 @@ def test_gemma3_knockout_keeps_the_image_tokens_bidirectional_block(attention, s
 
 
 WIDE_IMAGE_NOTE = {"llava-1.5": "cropped image", "llava-interleave": "squashed image", "llava-next": None,
-                   "qwen2-vl": None, "qwen2.5-vl": None, "qwen3-vl": None, "gemma3": "squashed image"}
+                   "qwen2-vl": None, "qwen2.5-vl": None, "qwen3-vl": None, "gemma3": "squashed image",
+                   "idefics3": None, "smolvlm": None}
 
 
 def test_inputs_a_reader_will_try_on_every_family(family):
@@ -262,3 +264,54 @@ def test_inputs_a_reader_will_try_on_every_family(family):
     context = adapter.text_config.max_position_embeddings
     with pytest.raises(ValueError, match=f"LLM's context is {context}: shorten the question"):
         adapter.inputs([wide], ["red " * (context + 10)])
+
+
+SMOL = ("idefics3", "smolvlm")
+
+
+@pytest.mark.parametrize("name", SMOL)
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (100, 60), (60, 100), (20, 90), (97, 113)])
+def test_smolvlm_regions_count_the_processors_tokens_and_tile_the_image(name, size, smol_tokenizer):
+    """Tiles and the global image: as many boxes as the processor puts `<image>` tokens (the text between tiles
+    is not counted), the tiles' boxes tile the whole image once, and so do the global image's."""
+    model, processor = build_tiny_family(name, smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    width, height = size
+    batch = adapter.inputs([Image.new("RGB", size, (200, 30, 30))], ["Hi"])
+    regions = adapter.token_regions(size)
+    assert int((batch["input_ids"] == adapter.image_token_id).sum()) == len(regions)
+    n_views = batch["pixel_values"].shape[1]
+    assert len(regions) == n_views * adapter.side ** 2
+    area = (regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])
+    global_grid = adapter.display_tokens(size)
+    assert np.isclose(area[global_grid].sum(), width * height)
+    if n_views > 1:
+        assert np.isclose(area[~global_grid].sum(), width * height)
+
+
+def test_smolvlm_tokens_follow_the_tiles_and_the_pixel_shuffle(smol_tokenizer):
+    """A toy layout: a 64 px square image is 2 x 2 tiles of 2 x 2 tokens, then the global image's 2 x 2. A
+    square inside the 16 px cell at row 1, column 2 of the image (tile row 0, column 1; its token row 1, column
+    0) is token 4 + 1 * 2 + 0 = 6 among the tiles, and, in the global image's 32 px cells, row 0, column 1:
+    global token 1, the 18th of all (16 tile tokens before it)."""
+    model, processor = build_tiny_family("idefics3", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    mask = np.zeros((64, 64), bool)
+    mask[16 + 3:32 - 3, 32 + 3:48 - 3] = True
+    touched = adapter.object_tokens(mask).nonzero()[0].tolist()
+    assert touched == [6, 16 + 1]
+
+
+@pytest.mark.parametrize("name", SMOL)
+def test_smolvlm_pixel_inputs_match_the_processor(name, smol_tokenizer):
+    """The differentiable tiling gives the processor's tensor shapes and, on a flat image, its values (the
+    resampling filters differ only at edges)."""
+    model, processor = build_tiny_family(name, smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    side = adapter.image_size
+    flat = Image.new("RGB", (side, side), (200, 30, 30))
+    expected = adapter.inputs([flat], ["Hi"])["pixel_values"]
+    pixels = torch.tensor([200 / 255, 30 / 255, 30 / 255])[None, :, None, None].expand(1, 3, side, side)
+    got = adapter.pixel_inputs(pixels.contiguous())
+    assert got["pixel_values"].shape == expected.shape
+    assert torch.allclose(got["pixel_values"], expected, atol=1e-2)

@@ -53,12 +53,15 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
       a Qwen2 LM;
     - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
       row-end tokens, a Llama LM;
-    - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`; "gemma3": see `build_tiny_gemma3`.
+    - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`; "gemma3": see `build_tiny_gemma3`;
+      "idefics3", "smolvlm": see `build_tiny_idefics3`.
     """
     if family.startswith("qwen"):
         return build_tiny_qwen(family, tokenizer, hidden, n_layers, seed)
     if family == "gemma3":
         return build_tiny_gemma3(tokenizer, hidden, n_layers, seed)
+    if family in ("idefics3", "smolvlm"):
+        return build_tiny_idefics3(family, tokenizer, hidden, n_layers, seed)
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
@@ -211,4 +214,49 @@ def build_tiny_gemma3(tokenizer=None, hidden: int = 32, n_layers: int = 3, seed:
     return model, processor
 
 
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3")
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:{% if message['content'] is "
+    "string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' "
+    "%}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def build_tiny_idefics3(family: str = "idefics3", tokenizer=None, hidden: int = 32, n_layers: int = 3,
+                        seed: int = 0):
+    """A tiny random SmolVLM ("idefics3", as SmolVLM-256M; "smolvlm", as SmolVLM2) and its processor: tiles of
+    32 px in 8 px patches, pixel shuffle 2 (4 tokens a tile), images resized to 64 px on their longest side, so
+    a square image is 2 x 2 tiles and the global image (20 tokens); SmolVLM's chat format."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, SmolVLMConfig, SmolVLMForConditionalGeneration,
+                              SmolVLMImageProcessorPil, SmolVLMProcessor)
+
+    import copy
+
+    from vlminterp_utils.core.processors import image_only
+    tokenizer = copy.deepcopy(tokenizer or models.smollm2_tokenizer())  # SmolVLM's image tokens added below
+    tiles = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>",
+                                                                "<end_of_utterance>", *tiles]})
+    text = _text_config("llama", tokenizer, hidden, n_layers)
+    vision = dict(image_size=32, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=2, num_attention_heads=2)
+    image_token_id = tokenizer.convert_tokens_to_ids(models.IMAGE_TOKEN)
+    kinds = {"idefics3": (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                          Idefics3Processor),
+             "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil,
+                         image_only(SmolVLMProcessor))}
+    config_class, model_class, image_processor_class, processor_class = kinds[family]
+    config = config_class(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                          image_token_id=image_token_id)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    image_processor = image_processor_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                            do_image_splitting=True)
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                chat_template=SMOLVLM_CHAT_TEMPLATE)
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3",
+            "idefics3", "smolvlm")

@@ -160,3 +160,39 @@ def merged_patch_regions(image_size: tuple[int, int], resized: tuple[int, int], 
     boxes[:, [0, 2]] *= width / new_w
     boxes[:, [1, 3]] *= height / new_h
     return boxes
+
+
+def idefics3_resized(width: int, height: int, longest_edge: int, tile: int) -> tuple[int, int]:
+    """(height, width) of Idefics3's (SmolVLM's) image before it is cut into tiles: the longest side to
+    `longest_edge`, aspect ratio kept (at most 4096 px a side), then each side rounded up to a whole number of
+    `tile` px tiles (as the processor's `resize` and `resize_for_vision_encoder`)."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        MAX_IMAGE_SIZE, _resize_output_size_rescale_to_max_len, _resize_output_size_scale_below_upper_bound)
+    h, w = _resize_output_size_rescale_to_max_len(height, width, max_len=longest_edge)
+    h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    return h, w
+
+
+def tiled_regions(image_size: tuple[int, int], resized: tuple[int, int] | None, tile: int, side: int) -> np.ndarray:
+    """Boxes of Idefics3's (SmolVLM's) visual tokens in sequence order: for each tile of the `resized` image
+    (row by row), its `side` x `side` tokens row by row, then the same grid over the global image (the whole
+    image squashed into one tile). `resized=None`: no splitting, the global image alone."""
+    width, height = image_size
+    cell = tile / side
+    grid = patch_boxes(side, side, cell)  # one tile's tokens, in the tile's pixels
+    boxes = []
+    if resized is not None:
+        new_h, new_w = resized
+        for r in range(new_h // tile):
+            for c in range(new_w // tile):
+                tile_boxes = grid + [c * tile, r * tile, c * tile, r * tile]
+                boxes.append(tile_boxes * [width / new_w, height / new_h, width / new_w, height / new_h])
+    boxes.append(grid * [width / tile, height / tile, width / tile, height / tile])
+    return np.concatenate(boxes)

@@ -18,6 +18,17 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+class NoVideoProcessor:
+    """Stands where the video processor would, for code that reads its defaults (SmolVLM's chat template reads
+    `num_frames` and `fps`): both None, and nothing else."""
+
+    num_frames = fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("no video processor here (it needs torchvision): this processor handles images "
+                           "only; install torchvision for videos")
+
+
 @functools.cache
 def image_only(processor_class: type) -> type:
     """A subclass of `processor_class` whose only parts are its image processor and tokenizer.
@@ -26,15 +37,30 @@ def image_only(processor_class: type) -> type:
     the subclass's signature (image processor, tokenizer) and never looks the video class up. Saved with
     `save_pretrained`, it writes the family's class name, so a machine with torchvision loads the full one.
     """
-    if "video_processor" not in inspect.signature(processor_class.__init__).parameters:
+    signature = inspect.signature(processor_class.__init__)
+    if "video_processor" not in signature.parameters:
         return processor_class
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                  chat_template=chat_template, **kwargs)
+        self.video_processor = NoVideoProcessor()  # read for defaults by SmolVLM's apply_chat_template
+
+    # `ProcessorMixin` takes its parts from this signature: the family's own, but the video processor
+    __init__.__signature__ = signature.replace(parameters=[p for name, p in signature.parameters.items()
+                                                           if name != "video_processor"])
+    settings = [name for name in signature.parameters if name not in ("self", "image_processor", "tokenizer",
+                                                                       "video_processor", "kwargs")]
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        # `from_pretrained` passes the saved settings the family's __init__ names (SmolVLM's image_seq_len)
+        given = {**processor_dict, **kwargs}
+        return cls(*args, **{name: given[name] for name in settings if name in given})
 
     return type(processor_class.__name__, (processor_class,),
-                {"__init__": __init__, "__module__": processor_class.__module__,
+                {"__init__": __init__, "from_args_and_dict": from_args_and_dict,
+                 "__module__": processor_class.__module__,
                  "__doc__": f"{processor_class.__name__} without its video processor (no torchvision here)."})
 
 

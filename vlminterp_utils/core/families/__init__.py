@@ -5,13 +5,15 @@ from torch import nn
 
 from .base import VLMAdapter, check_image, pad_to_square
 from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter, component_sizes
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter,
                                          "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen25VLAdapter,
-                                         "qwen3_vl": Qwen3VLAdapter, "gemma3": Gemma3Adapter}
+                                         "qwen3_vl": Qwen3VLAdapter, "gemma3": Gemma3Adapter,
+                                         "idefics3": Idefics3Adapter, "smolvlm": SmolVLMAdapter}
 
 
 def adapter_for(model: nn.Module, processor) -> VLMAdapter:
@@ -22,5 +24,5 @@ def adapter_for(model: nn.Module, processor) -> VLMAdapter:
     return ADAPTERS[family](model, processor)
 
 
-__all__ = ["ADAPTERS", "Gemma3Adapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter",
-           "Qwen3VLAdapter", "VLMAdapter", "adapter_for", "check_image", "component_sizes", "pad_to_square"]
+__all__ = ["ADAPTERS", "Gemma3Adapter", "Idefics3Adapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter",
+           "Qwen3VLAdapter", "SmolVLMAdapter", "VLMAdapter", "adapter_for", "check_image", "component_sizes", "pad_to_square"]
