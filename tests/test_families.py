@@ -14,7 +14,7 @@ from vlminterp_utils import lenses, localization as L, models, readout, shapes
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
             "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
             "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None),
-            "gemma3": ("gemma3", (4, 4), 16), "idefics3": ("idefics3", (2, 2), None),
+            "gemma3": ("gemma3", (4, 4), 16), "llava-onevision": ("llava_onevision", (4, 4), None), "idefics3": ("idefics3", (2, 2), None),
             "smolvlm": ("smolvlm", (2, 2), None)}
 
 
@@ -79,7 +79,7 @@ def test_objects_map_to_tokens_and_every_experiment_runs(family):
     readings = lenses.patch_readings(adapter, lenses.LogitLens(adapter), [it.example for it in items], k=2,
                                      layers=[0, adapter.n_layers])
     kinds = set(readings.kind)
-    assert "object" in kinds and ("none" in kinds) == (name == "llava-next")
+    assert "object" in kinds and ("none" in kinds) == (name in ("llava-next", "llava-onevision"))  # row ends
 
 
 def test_an_unsupported_family_names_the_supported_ones(tiny_llava_dir, tmp_path):
@@ -100,9 +100,10 @@ def test_inversion_runs_through_each_familys_image_inputs(family):
     assert np.isfinite(result.history.total).all() and 0 <= result.target_probability[0] <= 1
 
 
-def test_llava_next_pixel_inputs_match_the_processor(smol_tokenizer):
+@pytest.mark.parametrize("name", ["llava-next", "llava-onevision"])
+def test_llava_next_pixel_inputs_match_the_processor(name, smol_tokenizer):
     """The differentiable tiling gives the processor's tensor shapes and, on a flat image, its values."""
-    model, processor = build_tiny_family("llava-next", smol_tokenizer)
+    model, processor = build_tiny_family(name, smol_tokenizer)
     adapter = models.adapter_for(model, processor)
     side = adapter.image_size
     flat = Image.new("RGB", (side, side), (200, 30, 30))
@@ -239,6 +240,7 @@ def test_gemma3_knockout_keeps_the_image_tokens_bidirectional_block(attention, s
 
 
 WIDE_IMAGE_NOTE = {"llava-1.5": "cropped image", "llava-interleave": "squashed image", "llava-next": None,
+                   "llava-onevision": None,
                    "qwen2-vl": None, "qwen2.5-vl": None, "qwen3-vl": None, "gemma3": "squashed image",
                    "idefics3": None, "smolvlm": None}
 
@@ -315,3 +317,23 @@ def test_smolvlm_pixel_inputs_match_the_processor(name, smol_tokenizer):
     got = adapter.pixel_inputs(pixels.contiguous())
     assert got["pixel_values"].shape == expected.shape
     assert torch.allclose(got["pixel_values"], expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (100, 60), (60, 100), (20, 90), (200, 200), (97, 113)])
+def test_llava_onevision_regions_count_the_processors_tokens_after_the_shrink(size, smol_tokenizer):
+    """anyres_max: a kept grid over the limit is shrunk by the model's interpolation; the boxes still count
+    what the processor expands, one row-end token per shrunk row, and the shrunk boxes cover the kept region
+    (within one patch of the image on each side, as unpadding works in whole patches)."""
+    model, processor = build_tiny_family("llava-onevision", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    ids = adapter.inputs([Image.new("RGB", size, (200, 30, 30))], ["Hi"])["input_ids"]
+    regions = adapter.token_regions(size)
+    assert int((ids == adapter.image_token_id).sum()) == len(regions)
+    rows, cols = adapter.grid
+    tiles = regions[rows * cols:]
+    boxes = tiles[~np.isnan(tiles).any(1)]
+    width, height = size
+    slack = adapter.patch_size * max(width, height) / adapter.image_size  # one patch, in original pixels
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
+    assert abs(area - width * height) <= slack * (width + height)
+    assert np.isnan(tiles).any(1).sum() == len(np.unique(boxes[:, 1]))  # one row end per row of boxes

@@ -54,12 +54,14 @@ def build_tiny_family(family: str, tokenizer=None, hidden: int = 32, n_layers: i
     - "llava-next": LLaVA-NeXT's anyres tiling (a CLIP tower at 56 px in 14 px patches, canvases of 2 to 4 tiles),
       row-end tokens, a Llama LM;
     - "qwen2-vl", "qwen2.5-vl", "qwen3-vl": see `build_tiny_qwen`; "gemma3": see `build_tiny_gemma3`;
-      "idefics3", "smolvlm": see `build_tiny_idefics3`.
+      "idefics3", "smolvlm": see `build_tiny_idefics3`; "llava-onevision": see `build_tiny_onevision`.
     """
     if family.startswith("qwen"):
         return build_tiny_qwen(family, tokenizer, hidden, n_layers, seed)
     if family == "gemma3":
         return build_tiny_gemma3(tokenizer, hidden, n_layers, seed)
+    if family == "llava-onevision":
+        return build_tiny_onevision(tokenizer, hidden, n_layers, seed)
     if family in ("idefics3", "smolvlm"):
         return build_tiny_idefics3(family, tokenizer, hidden, n_layers, seed)
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
@@ -258,5 +260,34 @@ def build_tiny_idefics3(family: str = "idefics3", tokenizer=None, hidden: int = 
     return model, processor
 
 
-FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3",
-            "idefics3", "smolvlm")
+def build_tiny_onevision(tokenizer=None, hidden: int = 32, n_layers: int = 3, seed: int = 0):
+    """A tiny random LLaVA-OneVision and its processor: a SigLIP tower at 32 px in 8 px patches (4 x 4, no CLS),
+    anyres canvases of 1 x 2 to 3 x 3 tiles, and "anyres_max_1", so any grid of more than one tile's worth of
+    tokens is shrunk by the model's bilinear interpolation; a Qwen2 LM."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, SiglipVisionConfig)
+
+    from vlminterp_utils.core.processors import image_only
+    tokenizer = tokenizer or models.smollm2_tokenizer()
+    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 96]]
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_text_config("qwen2", tokenizer, hidden,
+                                                                                  n_layers).to_dict(),
+                                  image_token_id=tokenizer.convert_tokens_to_ids(models.IMAGE_TOKEN),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_1")
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = image_only(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+        chat_template=models.CHAT_TEMPLATE, image_token=models.IMAGE_TOKEN)
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+FAMILIES = ("llava-1.5", "llava-interleave", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl",
+            "gemma3", "idefics3", "smolvlm")

@@ -75,9 +75,14 @@ def fit_in_canvas(width: int, height: int, canvas_w: int, canvas_h: int) -> tupl
 
 
 def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch: int,
-                   newline: bool = True) -> np.ndarray:
+                   newline: bool = True, max_tiles: int | None = None) -> np.ndarray:
     """Boxes of every LLaVA-NeXT visual token in sequence order: the base image's grid, then the tiles' grid
-    (padding rows or columns removed, as the model does), one NaN row-end token after each of its rows."""
+    (padding rows or columns removed, as the model does), one NaN row-end token after each of its rows.
+
+    `max_tiles` (LLaVA-OneVision's "anyres_max_9": 9): when the kept grid holds more than about that many tiles'
+    worth of tokens (by a factor over 1.1 in area), the model shrinks it by bilinear interpolation to
+    int(rows / r) x int(cols / r) tokens, r the square root of the factor; each of those then shows an equal
+    share of the kept region."""
     width, height = image_size
     n = side // patch
     base = patch_boxes(n, n, patch)
@@ -95,12 +100,21 @@ def anyres_regions(image_size: tuple[int, int], grid_pinpoints, side: int, patch
         kept = int(round(width * rows / height, 7))
         pad = (cols - kept) // 2
         keep_rows, keep_cols = range(rows), range(pad, cols - pad)
+    # the kept region in grid cells, and its grid after OneVision's shrinking (none for LLaVA-NeXT)
+    n_rows, n_cols = len(keep_rows), len(keep_cols)
+    out_rows, out_cols = n_rows, n_cols
+    if max_tiles is not None:
+        ratio = math.sqrt(n_rows * n_cols / (max_tiles * n * n))
+        if ratio > 1.1:
+            out_rows, out_cols = int(n_rows // ratio), int(n_cols // ratio)
+    step_r, step_c = n_rows / out_rows, n_cols / out_cols  # kept cells per token
     tiles = []
-    for r in keep_rows:
-        for c in keep_cols:
+    for i in range(out_rows):
+        for j in range(out_cols):
+            r, c = keep_rows[0] + i * step_r, keep_cols[0] + j * step_c
             x0, y0 = c * patch - paste_x, r * patch - paste_y
-            tiles.append([x0 * width / new_w, y0 * height / new_h, (x0 + patch) * width / new_w,
-                          (y0 + patch) * height / new_h])
+            x1, y1 = x0 + step_c * patch, y0 + step_r * patch
+            tiles.append([x0 * width / new_w, y0 * height / new_h, x1 * width / new_w, y1 * height / new_h])
         if newline:
             tiles.append([np.nan] * 4)
     return np.concatenate([base, np.array(tiles, float)])
