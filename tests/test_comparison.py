@@ -31,7 +31,8 @@ def test_lora_update_sizes_are_the_updates_norm_over_the_weights(tmp_path, smol_
 def test_the_embedded_models_say_their_lora_rank_and_ship_updates_only_when_tuned():
     """The dose-response's doses come from the training records: the twin and shapes-llava froze the LLM."""
     ranks = {name: comparison.lora_rank(name) for name in models.EMBEDDED_MODELS}
-    assert ranks == {"shapes-llava": 0, "shapes-llava-twin": 0, "shapes-llava-tuned": 8, "shapes-llava-tuned-r32": 32}
+    assert ranks == {"shapes-llava": 0, "shapes-llava-twin": 0, "shapes-llava-tuned": 8, "shapes-llava-tuned-r32": 32,
+                     "shapes-llava-tuned-r2": 2}
     assert comparison.lora_rank("some/hub-model") is None and comparison.lora_file("some/hub-model") is None
     for name, rank in ranks.items():
         shipped = comparison.lora_file(name)

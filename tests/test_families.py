@@ -14,8 +14,8 @@ from vlminterp_utils import lenses, localization as L, models, readout, shapes
 EXPECTED = {"llava-1.5": ("llava", (24, 24), 576), "llava-interleave": ("llava", (27, 27), 729),
             "llava-next": ("llava_next", (4, 4), None), "qwen2-vl": ("qwen2_vl", (4, 4), None),
             "qwen2.5-vl": ("qwen2_5_vl", (4, 4), None), "qwen3-vl": ("qwen3_vl", (4, 4), None),
-            "gemma3": ("gemma3", (4, 4), 16), "llava-onevision": ("llava_onevision", (4, 4), None), "idefics3": ("idefics3", (2, 2), None),
-            "smolvlm": ("smolvlm", (2, 2), None)}
+            "gemma3": ("gemma3", (4, 4), 16), "llava-onevision": ("llava_onevision", (4, 4), None),
+            "idefics3": ("idefics3", (2, 2), None), "smolvlm": ("smolvlm", (2, 2), None)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

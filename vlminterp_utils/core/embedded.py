@@ -16,9 +16,11 @@ from .storage import atomic_path, cache_dir, data_path, sha256_of
 
 # Embedded models and the package-data folder of each: shapes-llava (its LLM frozen); shapes-llava-tuned (the same
 # vision tower and projector trained 500 steps further with the LLM tuned by LoRA of rank 8); its frozen-LLM twin
-# (the same 500 steps from the same start, no LoRA), and that run with LoRA of rank 32 (chapter 4's dose-response).
+# (the same 500 steps from the same start, no LoRA), and that run with LoRA of ranks 2 and 32 (chapter 4's
+# dose-response).
 EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_llava_tuned",
-                 "shapes-llava-twin": "shapes_llava_twin", "shapes-llava-tuned-r32": "shapes_llava_tuned_r32"}
+                 "shapes-llava-twin": "shapes_llava_twin", "shapes-llava-tuned-r32": "shapes_llava_tuned_r32",
+                 "shapes-llava-tuned-r2": "shapes_llava_tuned_r2"}
 EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
 VISION_FILE = "vision_projector.safetensors"
 LORA_FILE = "lora.safetensors"

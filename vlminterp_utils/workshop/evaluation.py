@@ -100,7 +100,7 @@ TWIN_INTRO = ("shapes-llava trained the same further steps as shapes-llava-tuned
 DOSE_INTRO = ("shapes-llava-tuned's training run with another LoRA rank, everything else the same (alpha over rank "
               "kept at 2): one dose of chapter 4's dose-response.")
 INTROS = {"shapes-llava-tuned": TUNED_INTRO, "shapes-llava-twin": TWIN_INTRO,
-          "shapes-llava-tuned-r32": DOSE_INTRO}
+          "shapes-llava-tuned-r32": DOSE_INTRO, "shapes-llava-tuned-r2": DOSE_INTRO}
 
 
 def model_card(meta: dict, accuracy: dict[str, float], n_per_type: int, records: list[dict],
