@@ -337,3 +337,27 @@ def test_llava_onevision_regions_count_the_processors_tokens_after_the_shrink(si
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
     assert abs(area - width * height) <= slack * (width + height)
     assert np.isnan(tiles).any(1).sum() == len(np.unique(boxes[:, 1]))  # one row end per row of boxes
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_knockout_equals_the_minus_inf_reference_on_every_family(name, attention, smol_tokenizer):
+    """On every family, padded batch, eager and sdpa: the knockout gives what a from-scratch attention with -inf
+    scores gives (Gemma 3's reference keeps its image tokens' bidirectional block), and it does something."""
+    from reference_knockout import reference_knockout_logits
+    model, processor = build_tiny_family(name, smol_tokenizer)
+    model.set_attn_implementation(attention)
+    adapter = models.adapter_for(model, processor)
+    scenes = [shapes.example(0, i, "caption", size=adapter.image_size).scene.image for i in range(2)]
+    batch = adapter.inputs(scenes, ["Hi", "Describe the image in detail, please."])
+    visual = batch["input_ids"] == adapter.image_token_id
+    last = torch.zeros_like(visual)
+    last[:, -1] = True
+    block = I.block_matrix(batch["input_ids"].shape[1], last, visual)
+    with torch.no_grad():
+        plain = readout.answer_logits(adapter, batch)
+        with I.attention_knockout(adapter, block, [0, 2]):
+            knocked = readout.answer_logits(adapter, batch)
+    reference = reference_knockout_logits(adapter, batch, block, [0, 2], image_block=name == "gemma3")
+    assert (knocked - plain).abs().max() > 1e-4
+    assert torch.allclose(knocked, reference, atol=1e-5), (knocked - reference).abs().max()
