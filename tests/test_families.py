@@ -361,3 +361,23 @@ def test_the_knockout_equals_the_minus_inf_reference_on_every_family(name, atten
     reference = reference_knockout_logits(adapter, batch, block, [0, 2], image_block=name == "gemma3")
     assert (knocked - plain).abs().max() > 1e-4
     assert torch.allclose(knocked, reference, atol=1e-5), (knocked - reference).abs().max()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (150, 60), (60, 150), (200, 40), (90, 70)])
+def test_gemma3_pan_and_scan_crops_count_and_tile_the_image(size, smol_tokenizer):
+    """With pan-and-scan on, a wide or tall image adds 2 to 4 crops of 16 tokens each: the boxes count what the
+    processor expands, the whole image's grid covers it once, and so do the crops' grids together."""
+    model, processor = build_tiny_family("gemma3", smol_tokenizer)
+    adapter = models.adapter_for(model, processor)
+    adapter.pan_and_scan = True
+    adapter.pan_and_scan_overrides = {"pan_and_scan_min_crop_size": 16}  # the default, 256 px, exceeds these
+    width, height = size
+    batch = adapter.inputs([Image.new("RGB", size, (200, 30, 30))], ["Hi"])
+    regions = adapter.token_regions(size)
+    assert int((batch["input_ids"] == adapter.image_token_id).sum()) == len(regions)
+    assert len(regions) == 16 * batch["pixel_values"].shape[0]  # the image and its crops, 16 tokens each
+    area = (regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])
+    assert np.isclose(area[:16].sum(), width * height)
+    if len(regions) > 16:
+        assert np.isclose(area[16:].sum(), width * height)
+    assert (len(regions) > 16) == (max(size) / min(size) >= 1.2)

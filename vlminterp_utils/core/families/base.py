@@ -160,6 +160,10 @@ class VLMAdapter:
         """The images as the processor takes them for one image per prompt (a flat list for most families)."""
         return images
 
+    def processor_options(self) -> dict:
+        """Options the adapter passes to every processor call (Gemma 3's pan-and-scan switch); none by default."""
+        return {}
+
     def _note_inputs(self, images) -> None:
         for image in images:
             for note in self.input_notes(image.size):
@@ -191,7 +195,7 @@ class VLMAdapter:
         try:
             batch = self.processor(images=self.images_per_prompt(images),
                                    text=[self.prompt(q) + a for q, a in zip(questions, prefixes)],
-                                   return_tensors="pt", padding=True)
+                                   return_tensors="pt", padding=True, **self.processor_options())
         finally:
             tok.padding_side = side
         context = getattr(self.text_config, "max_position_embeddings", None)
