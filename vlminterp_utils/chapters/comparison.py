@@ -284,7 +284,8 @@ def page_numbers(result: ModelComparison, model_ids, kind: str = "object", margi
         for field in ("difference", "ci_low", "ci_high"):
             values[f"dose_{key}_max_{field}"] = np.nan if top is None else float(top[field])
         values[f"dose_{key}_max_rank"] = -1 if top is None or pd.isna(top["rank"]) else int(top["rank"])
-    values["dose_ranks"] = ", ".join(str(lora_rank(m)) for m in model_ids[1:])
+    doses = sorted(model_ids[1:], key=lambda m: (lora_rank(m) is None, lora_rank(m) or 0))  # by rank, then others
+    values["dose_ranks"] = ", ".join(m if lora_rank(m) is None else str(lora_rank(m)) for m in doses)
     values["n_layers"] = int(result.above.layer.nunique())
     values["headlines_differ"] = bool(heads.verdict.isin([stats.HIGHER, stats.LOWER]).any())
     return values
