@@ -164,16 +164,19 @@ def test_qwen_pixel_inputs_equal_the_processors(name, smol_tokenizer):
     assert torch.allclose(got["pixel_values"], expected["pixel_values"], atol=1e-5)
 
 
-def test_a_qwen_processor_saved_here_loads_without_torchvision(tmp_path, smol_tokenizer):
-    """`load_processor` rebuilds the family's processor without its video part; its output is the saved one's."""
+@pytest.mark.parametrize("name", ["qwen2-vl", "llava-onevision", "smolvlm"])
+def test_a_processor_with_a_video_part_saved_here_loads_without_torchvision(name, tmp_path, smol_tokenizer):
+    """`load_processor` rebuilds the family's processor without its video part, with the settings it saved (a
+    default in their place would expand the image to another number of tokens); its output is the saved one's."""
     from vlminterp_utils.core.processors import load_processor
-    _, processor = build_tiny_family("qwen2-vl", smol_tokenizer)
+    model, processor = build_tiny_family(name, smol_tokenizer)
     processor.save_pretrained(tmp_path)
     loaded = load_processor(str(tmp_path))
-    assert type(loaded).__name__ == "Qwen2VLProcessor"
-    image, text = Image.new("RGB", (90, 61), (10, 200, 30)), "<|vision_start|><|image_pad|><|vision_end|>Hi"
-    a, b = processor(images=[image], text=[text], return_tensors="pt"), loaded(images=[image], text=[text],
-                                                                               return_tensors="pt")
+    assert type(loaded).__name__ == type(processor).__name__
+    adapter = models.adapter_for(model, processor)
+    image, text = [[Image.new("RGB", (90, 61), (10, 200, 30))]], [adapter.prompt("Hi")]
+    a, b = processor(images=image, text=text, return_tensors="pt"), loaded(images=image, text=text,
+                                                                           return_tensors="pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -52,14 +52,22 @@ def image_only(processor_class: type) -> type:
     settings = [name for name in signature.parameters if name not in ("self", "image_processor", "tokenizer",
                                                                        "video_processor", "kwargs")]
 
+    # `from_pretrained` must pass the saved settings the family's __init__ names (SmolVLM's image_seq_len,
+    # OneVision's num_image_tokens), which transformers finds in the code object of __init__, here **kwargs; it
+    # builds the processor with `from_args_and_dict` (transformers 5.24) or `from_dict` (5.25), so both pass them
     @classmethod
     def from_args_and_dict(cls, args, processor_dict, **kwargs):
-        # `from_pretrained` passes the saved settings the family's __init__ names (SmolVLM's image_seq_len)
         given = {**processor_dict, **kwargs}
         return cls(*args, **{name: given[name] for name in settings if name in given})
 
+    @classmethod
+    def from_dict(cls, processor_dict, **kwargs):
+        given = {**processor_dict, **kwargs}
+        return cls(given["image_processor"], given["tokenizer"],
+                   **{name: given[name] for name in settings if name in given})
+
     return type(processor_class.__name__, (processor_class,),
-                {"__init__": __init__, "from_args_and_dict": from_args_and_dict,
+                {"__init__": __init__, "from_args_and_dict": from_args_and_dict, "from_dict": from_dict,
                  "__module__": processor_class.__module__,
                  "__doc__": f"{processor_class.__name__} without its video processor (no torchvision here)."})
 
