@@ -31,15 +31,17 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # as under pytest-xdist: one thread per worker
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, processor = build_tiny_family(args.family)
-        checkpoint = tmp / "checkpoint"
-        model.save_pretrained(checkpoint)
-        processor.save_pretrained(checkpoint)
+        checkpoints = []
+        for seed in (0, 1):  # chapter 4 compares two models: the same family, another random draw
+            model, processor = build_tiny_family(args.family, seed=seed)
+            checkpoints.append(tmp / f"checkpoint{seed}")
+            model.save_pretrained(checkpoints[-1])
+            processor.save_pretrained(checkpoints[-1])
 
         def parameters_of(notebook: Path) -> dict:
-            parameters = {"smoke": True, "model_id": str(checkpoint)}
+            parameters = {"smoke": True, "model_id": str(checkpoints[0])}
             if "compared_with =" in notebook.read_text():
-                parameters["compared_with"] = [str(checkpoint)]
+                parameters["compared_with"] = [str(checkpoints[1])]
             return parameters
 
         times = {}

@@ -176,3 +176,8 @@ def test_tuning_the_llm_by_lora_does_not_make_the_logit_lens_read_object_patches
     below_last = logit.drop(index=logit.index.max())
     assert (below_last < 0.10).all(), below_last.max()
     assert (tuned.loc["LatentLens"].ci_low > 0).mean() > 0.5  # chapter 4 in full: 31 of 31 layers
+
+
+def test_a_model_compared_with_itself_is_an_error_that_says_so():
+    with pytest.raises(ValueError, match=r"shapes-llava appears more than once .* \(compared_with must not repeat"):
+        comparison.compare_models(["shapes-llava", "shapes-llava"], n_images=1, n_items=1)

@@ -107,6 +107,11 @@ def compare_models(model_ids, n_images: int = 32, n_items: int = 24, corpus: str
     """`read_lenses` and `headline_records` for each model, on the same scenes and questions, one model in memory
     at a time. Each model reads through its own LatentLens index (built once, then cached), since the contextual
     embeddings are the LLM's own and a tuned LLM has different ones."""
+    repeated = sorted({m for m in model_ids if list(model_ids).count(m) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} appears more than once among the models to compare; a model "
+                         "paired with itself has nothing to compare: list each model once (compared_with must not "
+                         "repeat model_id)")
     sentences = LL.load_corpus(corpus, limit=corpus_limit)
     above, hits, items = [], [], []
     for model_id in tqdm(model_ids, desc="models"):
