@@ -145,6 +145,22 @@ class VLMAdapter:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def patch_size(self) -> int:
+        """Side of one vision-tower patch, in the pixels the tower receives."""
+        return int(self.config.vision_config.patch_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels to the model's input scale, with the processor's own mean and std."""
+        ip = self.image_processor
+        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+        return (pixels - mean) / std
+
     # ------------------------------------------------------------------------------------------ prompting
     def prompt(self, question: str) -> str:
         """The model's own chat format for one image and one question, ending where the answer begins."""

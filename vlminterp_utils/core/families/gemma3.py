@@ -35,10 +35,6 @@ class Gemma3Adapter(VLMAdapter):
         return int(self.config.vision_config.image_size)
 
     @property
-    def patch_size(self) -> int:
-        return int(self.config.vision_config.patch_size)
-
-    @property
     def grid(self) -> tuple[int, int]:
         """Rows and columns of visual tokens: the pooled square."""
         side = int(round(int(self.config.mm_tokens_per_image) ** 0.5))
@@ -125,12 +121,6 @@ class Gemma3Adapter(VLMAdapter):
     def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The bidirectional block over image tokens is built from these: text 0, image 1."""
         return {"token_type_ids": (input_ids == self.image_token_id).long()}
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        ip = self.processor.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        return (pixels - mean) / std
 
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable image inputs for (batch, 3, side, side) pixels in [0, 1] at the tower's own size (a

@@ -25,17 +25,9 @@ class Idefics3Adapter(SizeDependentTokens, VLMAdapter):
     family = "idefics3"
 
     @property
-    def image_processor(self):
-        return self.processor.image_processor
-
-    @property
     def tile(self) -> int:
         """Side of one tile, in the resized image's pixels: the tower's input size."""
         return int(self.config.vision_config.image_size)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.config.vision_config.patch_size)
 
     @property
     def side(self) -> int:
@@ -91,12 +83,6 @@ class Idefics3Adapter(SizeDependentTokens, VLMAdapter):
         return [[image] for image in images]  # the processor counts images per prompt
 
     # ------------------------------------------------------------------------------------------ pixels
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        ip = self.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        return (pixels - mean) / std
-
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable inputs for (batch, 3, H, W) pixels in [0, 1]: the tiles of the resized image row by row,
         then the global image, as the processor makes them, up to its resampling filter (Lanczos there, bicubic

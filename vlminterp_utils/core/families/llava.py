@@ -20,10 +20,6 @@ class LlavaAdapter(VLMAdapter):
         return int(self.config.vision_config.image_size)
 
     @property
-    def patch_size(self) -> int:
-        return int(self.config.vision_config.patch_size)
-
-    @property
     def grid(self) -> tuple[int, int]:
         """Rows and columns of patches; a remainder of pixels (384 px in 14 px patches) is seen by no patch."""
         side = self.image_size // self.patch_size
@@ -73,13 +69,6 @@ class LlavaAdapter(VLMAdapter):
         boxes = geometry.resize_crop_regions(image_size, self.processor.image_processor, self.image_size,
                                              self.patch_size)
         return np.concatenate([np.full((self.extra_tokens, 4), np.nan), boxes])
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels to the model's input scale, with the processor's own mean and std."""
-        ip = self.processor.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        return (pixels - mean) / std
 
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable image inputs for (batch, 3, side, side) pixels in [0, 1] at the tower's own size."""

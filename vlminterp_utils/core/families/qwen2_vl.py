@@ -28,15 +28,6 @@ class Qwen2VLAdapter(SizeDependentTokens, VLMAdapter):
     family = "qwen2_vl"
 
     @property
-    def image_processor(self):
-        return self.processor.image_processor
-
-    @property
-    def patch_size(self) -> int:
-        """Side of one vision-tower patch, in the resized image's pixels."""
-        return int(self.config.vision_config.patch_size)
-
-    @property
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
@@ -90,13 +81,6 @@ class Qwen2VLAdapter(SizeDependentTokens, VLMAdapter):
         return {"mm_token_type_ids": (input_ids == self.image_token_id).int()}
 
     # ------------------------------------------------------------------------------------------ pixels
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels to the model's input scale, with the processor's own mean and std."""
-        ip = self.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-        return (pixels - mean) / std
-
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Differentiable image inputs for (batch, 3, H, W) pixels in [0, 1]: resized as the processor would
         (a no-op at `image_size`), normalised, cut into patches in the merger's order, each patch repeated over
