@@ -53,6 +53,19 @@ def publish_chapter_files(executed: Path, html: Path) -> list[Path]:
     return copied
 
 
+def write_student_editions(notebooks: list[Path], folder: Path) -> list[Path]:
+    """Each chapter's student edition (`buildit.student_edition`: no solutions, no outputs), made from the source
+    notebook, where the chapters' pages link it (`student/<chapter>.ipynb` beside them)."""
+    from vlminterp_utils.chapters.buildit import student_edition
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for nb in notebooks:
+        edition = student_edition(json.loads(nb.read_text()))
+        written.append(folder / nb.name)
+        write_text(written[-1], json.dumps(edition, indent=1, ensure_ascii=False) + "\n")  # atomic
+    return written
+
+
 def execution_key(nb: Path, smoke: bool, root: Path = ROOT) -> str:
     """What an executed chapter was computed from, hashed: its code cells and the order of all its cells (not the
     markdown's text), the mode, every module of the package, every file of its data, the versions of torch and
@@ -146,6 +159,8 @@ def main(argv=None) -> None:
                    check=True)
     published = publish_chapter_files(STAGE / "notebooks", ROOT / "_build" / "html" / "notebooks")
     print(f"published with the chapters: {', '.join(p.name for p in published) or 'nothing'}")
+    editions = write_student_editions(notebooks, ROOT / "_build" / "html" / "notebooks" / "student")
+    print(f"student editions: {', '.join(str(p.relative_to(ROOT)) for p in editions)}")
     print(f"book: {ROOT / '_build' / 'html' / 'index.html'}")
 
 

@@ -164,3 +164,73 @@ def test_no_built_page_shows_a_zero_width_interval(name):
         pytest.skip(f"{page} is not built: run `make test` or `python scripts/build_book.py --smoke`")
     text = re.sub(r"<[^>]+>", "", page.read_text())
     assert not zero_width_intervals(text)
+
+
+# ---------------------------------------------------------------------------------------------- build-it exercises
+
+def build_it_cells(nb: dict, tag: str) -> list[str]:
+    return ["".join(c["source"]) for c in nb["cells"] if tag in c.get("metadata", {}).get("tags", [])]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_each_build_it_exercise_has_a_stub_a_check_and_a_folded_solution(path):
+    from vlminterp_utils.chapters import buildit
+    nb = json.loads(path.read_text())
+    chapter = int(path.stem[:2])
+    names = [e.name for e in buildit.chapter_exercises(chapter)]
+    stubs, solutions = build_it_cells(nb, "exercise"), build_it_cells(nb, "solution")
+    assert len(stubs) == len(names) == len(solutions), (len(stubs), names, len(solutions))
+    code = cells(path, "code")
+    for name, stub, solution in zip(names, stubs, solutions):
+        assert stub.startswith(f"def {name}(") and "raise NotImplementedError" in stub, name
+        assert any(c.startswith(f"buildit.check_{name}({name},") or c.startswith(f"buildit.check_{name}(\n    {name},")
+                   for c in code), name  # the check runs the reader's function
+        assert f'buildit.solution("{name}")' in solution and f'EXERCISES["{name}"].solution' in solution
+    for cell in nb["cells"]:
+        if "solution" in cell.get("metadata", {}).get("tags", []):
+            assert "hide-cell" in cell["metadata"]["tags"]  # folded on the page
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_student_edition_keeps_the_exercises_and_drops_the_solutions(path):
+    from vlminterp_utils.chapters import buildit
+    nb = json.loads(path.read_text())
+    edition = buildit.student_edition(nb)
+    assert not build_it_cells(edition, "solution")
+    assert build_it_cells(edition, "exercise") == build_it_cells(nb, "exercise")
+    markdown = ["".join(c["source"]) for c in edition["cells"] if c["cell_type"] == "markdown"]
+    assert not any("<summary>Solution" in m for m in markdown)
+    assert sum("<summary>Solution" in m for m in cells(path, "markdown")) >= 2  # the reading exercises had some
+    assert all(not c.get("outputs") for c in edition["cells"] if c["cell_type"] == "code")
+    ids = [c["id"] for c in edition["cells"]]
+    assert len(set(ids)) == len(ids)
+    code = [c for c in edition["cells"] if c["cell_type"] == "code"]
+    assert "google.colab" in "".join(code[0]["source"])  # still opens with the Colab install cell
+    assert "parameters" in code[1]["metadata"]["tags"]  # and papermill's parameters
+
+
+def test_the_build_writes_every_student_edition(tmp_path):
+    build_book = load_build_book()
+    written = build_book.write_student_editions(NOTEBOOKS, tmp_path / "student")
+    assert [p.name for p in written] == [p.name for p in NOTEBOOKS]
+    for path in written:
+        assert not build_it_cells(json.loads(path.read_text()), "solution")
+    assert not list((tmp_path / "student").glob("*.tmp*"))  # nothing half-written
+
+
+def test_every_page_and_the_teachers_guide_link_the_student_editions():
+    guide = (ROOT / "book" / "teachers_guide.md").read_text()
+    for path in NOTEBOOKS:
+        assert f'href="student/{path.name}"' in "".join(cells(path, "markdown")), path.name
+        assert f'href="../notebooks/student/{path.name}"' in guide, path.name
+
+
+def test_the_teachers_guide_times_agree_with_the_exercise_tags():
+    """The plan quotes each build-it exercise as "Build it 1.2 (25 min)": the minutes must be its tag's."""
+    from vlminterp_utils.chapters import buildit
+    guide = (ROOT / "book" / "teachers_guide.md").read_text()
+    quoted = re.findall(r"Build it (\d)\.(\d) \((\d+) min\)", guide)
+    by_label = {(e.chapter, e.number): e.minutes for e in buildit.EXERCISES.values()}
+    assert {(int(c), int(n)) for c, n, _ in quoted} == set(by_label)  # every exercise is in the plan
+    for chapter, number, minutes in quoted:
+        assert by_label[int(chapter), int(number)] == int(minutes), (chapter, number, minutes)

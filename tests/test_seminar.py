@@ -80,6 +80,10 @@ def test_reading_time_counts_the_prose_only(tmp_path):
     values = seminar.glue_timings("chx", seminar.Clock(), path, "cpu", smoke=True)
     assert values["chx_run_mode"] == "smoke" and values["chx_read_minutes"] == pytest.approx(2.0)
     assert 0 <= values["chx_run_minutes"] < 1
+    assert values["chx_buildit_minutes"] == 0  # no chapter of the book: no build-it exercises
+    from vlminterp_utils.chapters import buildit
+    ch1 = seminar.glue_timings("ch1", seminar.Clock(), path, "cpu", smoke=True)["ch1_buildit_minutes"]
+    assert ch1 == sum(e.minutes for e in buildit.EXERCISES.values() if e.chapter == 1) > 0
 
 
 # ---------------------------------------------------------------------------------------------- chapters

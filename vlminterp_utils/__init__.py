@@ -6,7 +6,7 @@ Three layers (README, "Architecture"):
 - `chapters`: ch. 1 `interventions` + `localization`, ch. 2 `lenses` + `latentlens` + their positive controls
   `probe`, ch. 3 `inversion` + its judge
   `classifier`, models side by side `comparison`, and `plotting` + `report` + `seminar` (timings, exercise
-  checks) for all of them;
+  checks) + `buildit` (exercises where the reader writes a mechanism, and the student editions) for all of them;
 - `workshop`: training and evaluating the embedded model, training the judge, generating the corpus.
 
 The modules a reader uses are importable from the top, `from vlminterp_utils import load_vlm, shapes`; each is
@@ -24,7 +24,7 @@ MODULES = {
     "interventions": "chapters.interventions", "localization": "chapters.localization", "lenses": "chapters.lenses",
     "latentlens": "chapters.latentlens", "inversion": "chapters.inversion", "classifier": "chapters.classifier",
     "plotting": "chapters.plotting", "report": "chapters.report", "seminar": "chapters.seminar",
-    "comparison": "chapters.comparison", "probe": "chapters.probe",
+    "comparison": "chapters.comparison", "probe": "chapters.probe", "buildit": "chapters.buildit",
 }
 FUNCTIONS = {"load_vlm": "models", "adapter_for": "models", "VLMAdapter": "models"}
 __all__ = sorted(MODULES) + sorted(FUNCTIONS)

@@ -55,6 +55,13 @@ def replace_visual_tokens(adapter, token_mask: torch.Tensor, value: torch.Tensor
     return edit_visual_inputs(adapter, lambda visual: swap(visual, value), swap_deepstack)
 
 
+def mean_ablated_logits(adapter, batch: dict, selection: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) answer logits with the selected visual tokens, (batch, n_visual) bool, replaced by `mean`
+    (d_model,) where the LLM receives them; the hook is gone when this returns."""
+    with replace_visual_tokens(adapter, selection, mean):
+        return answer_logits(adapter, batch)
+
+
 def ablate(adapter, token_mask, mode: str | torch.Tensor = "mean", mean_token: torch.Tensor | None = None):
     """Mean-, zero- or vector-ablate the chosen visual tokens (a context manager). With DeepStack (Qwen3-VL),
     the mean ablation puts each level's mean feature in place of the token's, the others zero."""
@@ -216,14 +223,21 @@ def block_matrix(seq_len: int, queries: torch.Tensor, keys: torch.Tensor) -> tor
     return q[:, :, None] & k[:, None, :]
 
 
-def _knocked_out(mask: torch.Tensor | None, block: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
-    """The layer's attention mask with the blocked edges closed, in the mask's own convention."""
+def knockout_mask(mask: torch.Tensor | None, block: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    """A layer's attention mask with the blocked edges closed, in the mask's own convention.
+
+    mask: (batch or 1, 1, n_q, n_k), bool (True: may attend) or additive float (0: may attend, the dtype's
+    minimum: may not), or None (causal, no padding). block: (batch, seq, seq) bool, True where a query may not
+    attend to a key. The layer's queries are the last n_q positions of the n_k keys (fewer when a cache holds
+    the prompt); keys beyond the block's seq (generated tokens) are never blocked.
+    """
     b = block.shape[0]
     pad_k = max(n_k - block.shape[2], 0)
-    sub = torch.nn.functional.pad(block, (0, pad_k, 0, pad_k))[:, -n_q:, :n_k] if pad_k else block[:, -n_q:, :n_k]
+    sub = torch.nn.functional.pad(block, (0, pad_k, 0, pad_k)) if pad_k else block  # (batch, >= n_k, >= n_k)
+    sub = sub[:, :n_k, :n_k][:, -n_q:]  # (batch, n_q, n_k): the rows of the layer's queries
     if mask is None:  # sdpa without padding passes no mask and relies on is_causal: build the causal mask
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=block.device).tril(n_k - n_q)[None, None]
-    sub = sub.to(mask.device)[:, None]
+    sub = sub.to(mask.device)[:, None]  # (batch, 1, n_q, n_k): one mask for every head
     mask = mask.expand(b, 1, n_q, n_k)
     if mask.dtype == torch.bool:  # True = may attend
         return mask & ~sub
@@ -248,7 +262,7 @@ def attention_knockout(adapter, block: torch.Tensor, layers: Iterable[int]):
         else:  # keys: the cached ones (transformers 5.24 renamed `past_key_values` to `cache`) and the new ones
             cache = call.get("cache", call.get("past_key_values"))
             n_k = n_q + (cache.get_seq_length(layer) if cache is not None else 0)
-        return _knocked_out(mask, block, n_q, n_k)
+        return knockout_mask(mask, block, n_q, n_k)
 
     with sites.hook(adapter, "attention_mask", close_edges, list(layers)):
         yield

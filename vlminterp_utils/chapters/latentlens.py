@@ -91,6 +91,12 @@ class ContextualIndex:
         if queries.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have width {queries.shape[-1]} but the index was built for "
                              f"{self.hidden_size} ({self.model_name}); build an index for this model")
+        return MERGES[merge](*self.candidates(queries, k, layers, batch_size), k)
+
+    def candidates(self, queries: torch.Tensor, k: int = 5, layers: list[int] | None = None,
+                   batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each contextual layer's top-k for each query, before the merge: (n, layers * k) similarities, entry
+        rows and layers, the layers side by side in order."""
         q = queries.detach().float().cpu().reshape(-1, self.hidden_size)
         q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         layers = layers or self.layers
@@ -102,7 +108,7 @@ class ContextualIndex:
             sims.append(np.concatenate(s))
             rows.append(np.concatenate(r))
             from_layer.append(np.full_like(rows[-1], layer))
-        return MERGES[merge](*(np.concatenate(x, axis=1) for x in (sims, rows, from_layer)), k)
+        return tuple(np.concatenate(x, axis=1) for x in (sims, rows, from_layer))
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:

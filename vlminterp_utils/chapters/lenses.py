@@ -63,9 +63,14 @@ class LogitLens(VocabularyLens):
     name = "LogitLens"
 
     def scores(self, hidden):
-        norm, unembed = self.adapter.final_norm, self.adapter.unembedding
-        logits = unembed(norm(hidden.to(unembed.weight.dtype)))
-        return logits.float().softmax(-1)
+        return logit_lens(hidden, self.adapter.final_norm, self.adapter.unembedding)
+
+
+def logit_lens(hidden: torch.Tensor, final_norm, unembedding) -> torch.Tensor:
+    """(..., vocab) next-word probabilities read off residual-stream states (..., d_model) at any depth: the
+    LLM's final norm, then its unembedding, then a softmax over the vocabulary, as if the state were the last."""
+    logits = unembedding(final_norm(hidden.to(unembedding.weight.dtype)))  # (..., vocab)
+    return logits.float().softmax(-1)
 
 
 class EmbeddingLens(VocabularyLens):

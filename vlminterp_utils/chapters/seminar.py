@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import buildit, report
 
 WORDS_PER_MINUTE = 200  # a common estimate for technical reading; the time to run the code is measured
 
@@ -45,6 +45,8 @@ def glue_timings(prefix: str, clock: Clock, notebook: str | Path, device, smoke:
         f"{prefix}_read_minutes": reading_minutes(path) if path.exists() else float("nan"),
         f"{prefix}_run_device": str(device),
         f"{prefix}_run_mode": "smoke" if smoke else "full",
+        # the minutes the chapter's build-it exercises ask for, from their tags
+        f"{prefix}_buildit_minutes": buildit.chapter_minutes(int(number)) if (number := prefix[2:]).isdigit() else 0,
     }
     run, read, mode = (values[f"{prefix}_{key}"] for key in ("run_minutes", "read_minutes", "run_mode"))
     print(f"This run: {run:.1f} min on {device} ({mode} mode); reading: about {read:.0f} min.")

@@ -135,6 +135,24 @@ def lora_scale(meta: dict) -> float:
     return meta["alpha"] / meta["rank"]
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, rank: int) -> torch.Tensor:
+    """The change LoRA makes to a linear layer's weight (out, in): `alpha / rank * B @ A`, from its factors
+    A (rank, in) and B (out, rank), in fp32."""
+    return alpha / rank * (lora_B.float() @ lora_A.float())  # (out, rank) @ (rank, in) -> (out, in)
+
+
+@torch.no_grad()
+def merge_updates(model: nn.Module, updates: dict[str, torch.Tensor]) -> None:
+    """Add each update (out, in) to the weight of the linear layer at its module path, in place, in the
+    weight's dtype; nothing else of the model changes."""
+    for name, update in updates.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"the model has no layer {name!r} for this update") from err
+        layer.weight += update.to(layer.weight)
+
+
 @torch.no_grad()
 def lora_updates(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Each update of a LoRA file: the path of the linear layer it was trained on, and `alpha / rank * B @ A` (fp32).
@@ -143,23 +161,22 @@ def lora_updates(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     `rank` and `alpha` (as `workshop.train` writes them)."""
     from safetensors.torch import load_file
     tensors = load_file(str(path))
-    scale = lora_scale(json.loads(Path(path).with_suffix(".json").read_text()))
+    meta = json.loads(Path(path).with_suffix(".json").read_text())
     for key, down in tensors.items():
         if key.endswith(".lora_A"):
             name = key.removesuffix(".lora_A")
-            yield name, scale * (tensors[name + ".lora_B"].float() @ down.float())
+            yield name, lora_delta(down, tensors[name + ".lora_B"], meta["alpha"], meta["rank"])
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, path: Path) -> None:
     """Add each LoRA update (`lora_updates`) to the weight of the linear layer it was trained on; the merged model
     is a plain HF model, with no LoRA layer left and no dependency on peft."""
-    for name, update in lora_updates(path):
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"{path} does not fit this model: it has no layer {name!r}") from err
-        layer.weight += update.to(layer.weight)
+    try:
+        for name, update in lora_updates(path):  # one at a time: all updates at once would double the LLM's memory
+            merge_updates(model, {name: update})
+    except ValueError as err:
+        raise ValueError(f"{path} does not fit this model: {err}") from err
 
 
 def smollm2_tokenizer():

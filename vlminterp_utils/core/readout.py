@@ -70,6 +70,26 @@ def edit_visual_inputs(adapter, edit: Callable[[torch.Tensor], torch.Tensor | No
         yield
 
 
+def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(batch, n_visual) positions of the image tokens in each row of `input_ids` (batch, seq); every row holds
+    the same number of them. Left padding shifts a row's positions, so each row is read on its own."""
+    is_image = input_ids == image_token_id  # (batch, seq) bool
+    n_visual = int(is_image[0].sum()) if len(input_ids) else 0
+    columns = is_image.nonzero()[:, 1]  # (batch * n_visual,) row by row, left to right
+    return columns.view(input_ids.shape[0], n_visual)  # (batch, n_visual)
+
+
+def merge_visual_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                        features: torch.Tensor) -> torch.Tensor:
+    """The sequence the LLM receives: `text_embeds` (batch, seq, d_model) with each row's image-token positions
+    filled, in order, by that row's visual tokens `features` (batch, n_visual, d_model). The input is not changed."""
+    positions = image_token_positions(input_ids, image_token_id)  # (batch, n_visual)
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None]  # (batch, 1): broadcasts over tokens
+    merged = text_embeds.clone()  # (batch, seq, d_model)
+    merged[rows, positions] = features.to(merged.dtype)
+    return merged
+
+
 @torch.no_grad()
 def visual_embeddings(adapter, batch: dict) -> torch.Tensor:
     """(batch, n_visual, d_model): the visual tokens as the LLM receives them (after the projector).

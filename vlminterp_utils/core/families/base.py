@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .. import geometry
+from .. import geometry, readout
 
 
 @dataclass
@@ -54,7 +54,7 @@ class VLMAdapter:
                              " Put exactly one image (and one <image> placeholder) in each prompt, and give every "
                              "image of a batch the same size.")
         self.check_visual_count(int(counts[0]))
-        return is_visual.nonzero()[:, 1].view(input_ids.shape[0], int(counts[0]))
+        return readout.image_token_positions(input_ids, self.image_token_id)
 
     def check_visual_count(self, n: int) -> None:
         """Refuse a count of image tokens this adapter cannot map to image regions."""
