@@ -22,8 +22,9 @@ def page(shapes_llava):
 
 
 def verdicts(capsys, check, *args):
+    """The check's result and what it printed, unwrapped (it wraps its lines to the book's column)."""
     result = check(*args)
-    return result, capsys.readouterr().out
+    return result, " ".join(capsys.readouterr().out.split())
 
 
 def stub(*args, **kwargs):
@@ -285,3 +286,131 @@ def test_the_books_merge_is_what_llava_hands_its_llm(page):
                                                                                          text.shape[-1]))
     assert torch.equal(merged, sites.capture(adapter, "llm_input", batch))
     assert (ids[0] == adapter.tokenizer.pad_token_id).any()  # the case is padded, as it says
+
+
+# ---------------------------------------------------------------------------------------------- other right answers
+
+
+def _positions(ids, t):
+    return torch.stack([(row == t).nonzero().squeeze(1) for row in ids])
+
+
+def _boxes(rows, cols, patch):
+    return np.array([[c * patch, r * patch, (c + 1) * patch, (r + 1) * patch]
+                     for r in range(rows) for c in range(cols)], dtype=float)
+
+
+def _merge(text, ids, t, features):
+    out = text.clone()
+    for i in range(len(ids)):
+        out[i, ids[i] == t] = features[i]
+    return out
+
+
+def _blocks(seq_len, queries, keys):
+    def mask(x):
+        x = torch.as_tensor(x)
+        if x.dtype == torch.bool:
+            return x
+        m = torch.zeros(len(x), seq_len, dtype=torch.bool)
+        for i, row in enumerate(x):
+            m[i, row] = True
+        return m
+    q, k = mask(queries), mask(keys)
+    return torch.stack([torch.outer(a, b) for a, b in zip(q, k)])
+
+
+def _knockout(mask, block, n_q, n_k):
+    b = block.shape[0]
+    full = torch.zeros(b, n_k, n_k, dtype=torch.bool)
+    s = min(block.shape[1], n_k)
+    full[:, :s, :s] = block[:, :s, :s]
+    cut = full[:, n_k - n_q:, :][:, None]
+    if mask is None:
+        mask = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)[None, None]
+    mask = mask.expand(b, 1, n_q, n_k)
+    if mask.dtype == torch.bool:
+        return mask & ~cut
+    return mask.masked_fill(cut, torch.finfo(mask.dtype).min)
+
+
+def _ablated(adapter, batch, selection, mean):
+    positions = adapter.visual_positions(batch["input_ids"])
+
+    def edit(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"].clone()
+        for i in range(len(embeds)):
+            embeds[i, positions[i][selection[i]]] = mean.to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds
+        return args, kwargs
+    handle = adapter.language_model.register_forward_pre_hook(edit, with_kwargs=True)
+    try:
+        return adapter.model(**batch).logits[:, -1]
+    finally:
+        handle.remove()
+
+
+def _search(bank, queries, k):
+    scores = queries.float() @ bank.float().T
+    top = scores.topk(min(k, len(bank)), dim=1)
+    values = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1)
+    values[:, :top.values.shape[1]], rows[:, :top.indices.shape[1]] = top.values.numpy(), top.indices.numpy()
+    return values, rows
+
+
+def _tv(p):
+    right, down = p[..., :, 1:] - p[..., :, :-1], p[..., 1:, :] - p[..., :-1, :]
+    diag, anti = p[..., 1:, 1:] - p[..., :-1, :-1], p[..., 1:, :-1] - p[..., :-1, 1:]
+    return right.pow(2).mean() + down.pow(2).mean() + diag.pow(2).mean() + anti.pow(2).mean()
+
+
+def _boundaries(pixels, size):
+    h, w = pixels.shape[-2:]
+    total = pixels.new_zeros(())
+    cols, rows = list(range(size, w, size)), list(range(size, h, size))
+    if cols:
+        total = total + torch.stack([pixels[..., :, c] - pixels[..., :, c - 1] for c in cols], -1).pow(2).mean()
+    if rows:
+        total = total + torch.stack([pixels[..., r, :] - pixels[..., r - 1, :] for r in rows], -2).pow(2).mean()
+    return total
+
+
+def _step(adapter, pixels, optimizer, lr, batch, stats, config, generator):
+    optimizer.param_groups[0]["lr"] = lr
+    terms = V.loss_terms(adapter, pixels, batch, stats, config, generator)
+    loss = sum(terms.values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    pixels.data.clamp_(0, 1)
+    return {"total": float(loss), **{name: float(value) for name, value in terms.items()}}
+
+
+def _merge_updates(model, updates):
+    with torch.no_grad():
+        for name, update in updates.items():
+            weight = model.get_submodule(name).weight
+            weight.add_(update.to(weight.dtype))
+
+
+OTHER_RIGHT_ANSWERS = {
+    "image_token_positions": _positions, "patch_boxes": _boxes, "merge_visual_tokens": _merge,
+    "block_matrix": _blocks, "knockout_mask": _knockout, "mean_ablated_logits": _ablated,
+    "logit_lens": lambda h, norm, unembed: torch.softmax(unembed(norm(h)).float(), dim=-1),
+    "exact_search": _search,
+    "merge_official": lambda s, r, f, k: tuple(np.take_along_axis(x, np.argsort(-s, 1, kind="stable")[:, :k], 1)
+                                               for x in (s, r, f)),
+    "tv_l2": _tv, "patch_boundary_loss": _boundaries, "inversion_step": _step,
+    "lora_delta": lambda a, b, alpha, rank: (alpha / rank) * (b.float() @ a.float()),
+    "merge_updates": _merge_updates,
+}
+
+
+@pytest.mark.parametrize("name", list(B.EXERCISES))
+def test_a_students_own_right_answer_passes(name, page, capsys):
+    """A check must not demand the book's way of writing it: another correct version (loops, other calls)
+    passes too."""
+    arguments, _ = checks(page)[name]
+    result, out = verdicts(capsys, getattr(B, f"check_{name}"), OTHER_RIGHT_ANSWERS[name], *arguments)
+    assert result is True, out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -201,11 +202,16 @@ def _changed_arguments(before, after, names) -> str | None:
     return None
 
 
+def say(text: str) -> None:
+    """Print a check's verdict wrapped to the book's column (88 characters), so it reads without scrolling."""
+    print(textwrap.fill(text, 88, break_long_words=False, break_on_hyphens=False))
+
+
 def run_cases(name: str, fn: Callable, cases: list[Case]) -> bool | None:
     """Run the reader's `fn` and the book's solution on every case; print the verdict and return it."""
     exercise = EXERCISES[name]
     if not callable(fn):
-        print(f"{exercise.label}: pass your function itself, e.g. `{name}`, not {type(fn).__name__}.")
+        say(f"{exercise.label}: pass your function itself, e.g. `{name}`, not {type(fn).__name__}.")
         return False
     for case in cases:
         run = case.run or (lambda f, args: f(*args))
@@ -213,20 +219,20 @@ def run_cases(name: str, fn: Callable, cases: list[Case]) -> bool | None:
         try:
             mine = run(fn, args)
         except NotImplementedError:
-            print(f"{exercise.label}: `{name}` is still the stub. Write its body, run its cell, then this one.")
+            say(f"`{name}` is still the stub: write its body, run its cell, then this check again.")
             return None
         except Exception as err:  # the reader's code: say where it failed, in their words
-            print(f"Not yet ({case.what}): your function raised {type(err).__name__}: {err}")
+            say(f"Not yet ({case.what}): your function raised {type(err).__name__}: {err}")
             return False
         message = (case.after(args) if case.after else None) or _changed_arguments(case.args, args, case.names)
         if message is None:
             book = run(exercise.solution, fresh(case.args))
             message = first_difference(mine, book, case.axes, case.tolerance)
         if message is not None:
-            print(f"Not yet ({case.what}): {message}")
+            say(f"Not yet ({case.what}): {message}")
             return False
     count = "both" if len(cases) == 2 else f"all {len(cases)}"
-    print(f"Correct: `{name}` agrees with the book's on {count} cases ({'; '.join(c.what for c in cases)}).")
+    say(f"Correct: `{name}` agrees with the book's on {count} cases ({'; '.join(c.what for c in cases)}).")
     return True
 
 

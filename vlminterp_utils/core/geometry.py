@@ -15,8 +15,8 @@ import numpy as np
 
 def patch_boxes(rows: int, cols: int, patch: float) -> np.ndarray:
     """(rows * cols, 4) boxes of a row-major grid of square patches, in the vision tower's input pixels."""
-    r, c = np.divmod(np.arange(rows * cols), cols)
-    return np.stack([c * patch, r * patch, (c + 1) * patch, (r + 1) * patch], axis=1).astype(float)
+    r, c = np.divmod(np.arange(rows * cols), cols)  # (n,) row and column of each token, row by row
+    return np.stack([c * patch, r * patch, (c + 1) * patch, (r + 1) * patch], axis=1).astype(float)  # (n, 4)
 
 
 def resized_size(width: int, height: int, size: dict) -> tuple[int, int]:
