@@ -148,26 +148,22 @@ def checks(page):
         top = (queries.float() @ bank.float().T).topk(min(k, len(bank)), dim=1)
         return top.values.numpy(), top.indices.numpy()
 
-    def step_without_zero_grad(adapter, pixels, optimizer, lr, batch, stats, config, generator):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        terms = V.loss_terms(adapter, pixels, batch, stats, config, generator)
-        total = sum(terms.values())
-        total.backward()
-        optimizer.step()
-        with torch.no_grad():
-            pixels.clamp_(0, 1)
-        return {"total": total.item(), **{k: v.item() for k, v in terms.items()}}
-
-    def step_without_clamp(adapter, pixels, optimizer, lr, batch, stats, config, generator):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        terms = V.loss_terms(adapter, pixels, batch, stats, config, generator)
-        total = sum(terms.values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        return {"total": total.item(), **{k: v.item() for k, v in terms.items()}}
+    def planted_step(zero_grad: bool, clamp: bool):
+        """The book's step with one of its lines left out."""
+        def step(adapter, pixels, optimizer, lr, batch, stats, config, generator):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = V.loss_terms(adapter, pixels, batch, stats, config, generator)
+            total = sum(terms.values())
+            if zero_grad:
+                optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            if clamp:
+                with torch.no_grad():
+                    pixels.clamp_(0, 1)
+            return {"total": total.item(), **{k: v.item() for k, v in terms.items()}}
+        return step
 
     def merge_subtracting(model, updates):
         with torch.no_grad():
@@ -221,8 +217,8 @@ def checks(page):
             (lambda p, s: _boundary_loss(p, s, start=0, shift=-1), "(the page's image"),
             (lambda p, s: _boundary_loss(p, s, start=s, shift=1), "(the page's image")]),
         "inversion_step": ((adapter, tf_batch, stats, config), [
-            (step_without_zero_grad, "your output[2] differs"),
-            (step_without_clamp, "(two large steps from a near-white start")]),
+            (planted_step(zero_grad=False, clamp=True), "your output[2] differs"),
+            (planted_step(zero_grad=True, clamp=False), "(two large steps from a near-white start")]),
         "lora_delta": ((adapter,), [
             (lambda a, b, alpha, rank: a.T @ b.T, "Not yet ("),
             (lambda a, b, alpha, rank: b @ a, "differs at output")]),
@@ -384,7 +380,7 @@ def _step(adapter, pixels, optimizer, lr, batch, stats, config, generator):
     loss.backward()
     optimizer.step()
     pixels.data.clamp_(0, 1)
-    return {"total": float(loss), **{name: float(value) for name, value in terms.items()}}
+    return {"total": loss.item(), **{name: value.item() for name, value in terms.items()}}
 
 
 def _merge_updates(model, updates):
