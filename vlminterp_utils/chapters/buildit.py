@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core import embedded, geometry, readout
+from ..core.neighbours import exact_search
 from . import interventions, inversion, latentlens, lenses
 
 
@@ -49,7 +50,7 @@ EXERCISES = {e.name: e for e in [
     Exercise("knockout_mask", 1, 2, "The attention mask of a knockout", 3, 3, 25, interventions.knockout_mask),
     Exercise("mean_ablated_logits", 1, 3, "A mean-ablation hook", 2, 3, 20, interventions.mean_ablated_logits),
     Exercise("logit_lens", 2, 1, "The logit lens at one layer", 1, 3, 10, lenses.logit_lens),
-    Exercise("exact_search", 2, 2, "Nearest neighbours in the index", 2, 2, 15, lambda *a: _exact_search(*a)),
+    Exercise("exact_search", 2, 2, "Nearest neighbours in the index", 2, 2, 15, exact_search),
     Exercise("merge_official", 2, 3, "The cross-layer merge", 2, 2, 15, latentlens.merge_official),
     Exercise("tv_l2", 3, 1, "The smoothness prior", 1, 2, 10, inversion.tv_l2),
     Exercise("patch_boundary_loss", 3, 2, "The patch prior", 2, 2, 15, inversion.patch_boundary_loss),
@@ -57,11 +58,6 @@ EXERCISES = {e.name: e for e in [
     Exercise("lora_delta", 4, 1, "A LoRA update from its factors", 1, 3, 10, embedded.lora_delta),
     Exercise("merge_updates", 4, 2, "Merging updates into the weights", 2, 2, 15, embedded.merge_updates),
 ]}
-
-
-def _exact_search(bank, queries, k):  # the neighbours module is imported on first use (it may load faiss)
-    from ..core.neighbours import exact_search
-    return exact_search(bank, queries, k)
 
 
 def chapter_exercises(chapter: int) -> list[Exercise]:
@@ -89,9 +85,6 @@ def card(name: str):
 
 def solution_functions(name: str) -> list[Callable]:
     """The book's functions that make the solution of exercise `name`: its own, then the helpers it calls."""
-    if name == "exact_search":
-        from ..core.neighbours import exact_search
-        return [exact_search]
     helpers = {"tv_l2": [inversion.neighbour_differences],
                "mean_ablated_logits": [interventions.replace_visual_tokens, readout.edit_visual_inputs],
                "merge_visual_tokens": [readout.image_token_positions]}
@@ -287,13 +280,19 @@ def check_merge_visual_tokens(fn, adapter, batch, image) -> bool | None:
 # ---------------------------------------------------------------------------------------------- chapter 1
 
 
-def check_block_matrix(fn, adapter, batch, selection) -> bool | None:
-    """`fn(seq_len, queries, keys)` -> (batch, seq, seq) bool, True where query q must not attend to key k."""
+def _answer_reads_selection(adapter, batch, selection):
+    """The page's knockout: (input_ids, seq_len, keys, queries), keys the selection's positions and queries
+    the answer position (the last), both (batch, seq) bool."""
     ids = batch["input_ids"]
-    seq = ids.shape[1]
     keys = interventions.on_sequence(adapter, ids, selection)  # (batch, seq)
     last = torch.zeros_like(keys)
     last[:, -1] = True
+    return ids, ids.shape[1], keys, last
+
+
+def check_block_matrix(fn, adapter, batch, selection) -> bool | None:
+    """`fn(seq_len, queries, keys)` -> (batch, seq, seq) bool, True where query q must not attend to key k."""
+    ids, seq, keys, last = _answer_reads_selection(adapter, batch, selection)
     two_keys = torch.cat([keys, ~keys & (ids != adapter.tokenizer.pad_token_id)])[:2]
     two_last = torch.cat([last, last])[:2]
     cases = [Case("the page's selection -> the answer position", (seq, last, keys)),
@@ -308,11 +307,7 @@ def check_block_matrix(fn, adapter, batch, selection) -> bool | None:
 
 def check_knockout_mask(fn, adapter, batch, selection) -> bool | None:
     """`fn(mask, block, n_q, n_k)` -> the layer's attention mask with the blocked edges closed."""
-    ids = batch["input_ids"]
-    seq = ids.shape[1]
-    keys = interventions.on_sequence(adapter, ids, selection)
-    last = torch.zeros_like(keys)
-    last[:, -1] = True
+    ids, seq, keys, last = _answer_reads_selection(adapter, batch, selection)
     block = interventions.block_matrix(seq, last | keys.roll(1, 1), keys)  # (batch, seq, seq)
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(len(ids), 1, seq, seq)
     additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
