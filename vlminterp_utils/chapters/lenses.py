@@ -28,6 +28,7 @@ class VocabularyLens:
     def __init__(self, adapter):
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
+        self._words: dict[int, str] = {}  # token id -> word: a page decodes the same ids hundreds of thousands of times
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -47,7 +48,9 @@ class VocabularyLens:
         return unflatten(flat, ids.shape[:-1])
 
     def word(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]).strip()
+        if token_id not in self._words:
+            self._words[token_id] = self.tokenizer.decode([token_id]).strip()
+        return self._words[token_id]
 
     def chance_words(self) -> list[str]:
         """What this lens could say about any token: every vocabulary entry but the special tokens (the pool of
