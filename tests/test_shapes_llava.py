@@ -79,6 +79,21 @@ def test_trained_weights_assemble_into_the_cached_checkpoint(tmp_path):
     assert not list(path.parent.glob(".partial-*"))
 
 
+def test_the_frozen_llm_twin_shares_shapes_llavas_llm_and_its_cache_entries(shapes_llava):
+    """<image>'s embedding row is a weight nothing trained: drawn from a fixed seed, shapes-llava and its twin
+    (LLM frozen) have the same LLM, so a LatentLens index built for one serves the other; LoRA makes another."""
+    from vlminterp_utils.core.storage import weights_fingerprint
+    _, _, adapter = shapes_llava
+    twin = models.load_vlm("shapes-llava-twin", device="cpu")[2]
+    tuned = models.load_vlm("shapes-llava-tuned", device="cpu")[2]
+    image_row = adapter.model.config.image_token_id
+    for other in (twin, tuned):  # the row is the same in every embedded model, whatever was drawn before it
+        torch.testing.assert_close(other.input_embeddings.weight[image_row], adapter.input_embeddings.weight[image_row],
+                                   rtol=0, atol=0)
+    assert weights_fingerprint(twin.language_model) == weights_fingerprint(adapter.language_model)
+    assert weights_fingerprint(tuned.language_model) != weights_fingerprint(adapter.language_model)
+
+
 def test_lora_updates_merged_into_the_llm_give_the_lora_models_outputs(tmp_path, smol_tokenizer):
     """shapes-llava-tuned ships LoRA updates and merges them on load: the merged plain model must compute what the
     model with LoRA layers computed, and the vision tower must stay as it was (LoRA goes into the LLM only)."""

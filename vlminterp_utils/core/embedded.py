@@ -23,6 +23,7 @@ EMBEDDED_DIRS = {"shapes-llava": "shapes_llava", "shapes-llava-tuned": "shapes_l
                  "shapes-llava-tuned-r2": "shapes_llava_tuned_r2"}
 EMBEDDED_MODELS = tuple(EMBEDDED_DIRS)
 VISION_FILE = "vision_projector.safetensors"
+ASSEMBLY = "a2"  # how the weights are put together; a2: <image>'s embedding row drawn from a fixed seed
 LORA_FILE = "lora.safetensors"
 IMAGE_TOKEN = "<image>"
 # ChatML like SmolLM2's own, without its default system prompt (shorter sequences, same format), and with the
@@ -57,7 +58,12 @@ def build_shapes_llava(vision_weights: Path | None = None, lora: Path | None = N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         llm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # The one new row, <image>'s, never reaches the LLM (LLaVA puts the image's features at those positions), yet it
+    # is a weight: drawn from a fixed seed, every embedded model's LLM is the same unless LoRA tuned it, so what is
+    # computed from the LLM alone (a LatentLens index) is shared. Forked: the rest of the build draws as before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     vision_config = shapes_llava_vision_config()
     if vision_weights is not None:
         meta = json.loads(Path(vision_weights).with_suffix(".json").read_text())
@@ -120,7 +126,7 @@ def shapes_llava_checkpoint(name: str = "shapes-llava") -> Path:
                                     f"(see {folder / 'MODEL_CARD.md'}) or reinstall the package, which ships it")
     source = os.environ.get("VLMINTERP_SMOLLM2", "gguf")  # the LLM's source is part of the assembled model
     digest = sha256_of(vision_weights)[:16] + (sha256_of(lora)[:16] if lora else "")
-    target = cache_dir() / f"{name}-{source}-{digest}"
+    target = cache_dir() / f"{name}-{source}-{ASSEMBLY}-{digest}"
     if not (target / "config.json").exists():
         model, processor = build_shapes_llava(vision_weights, lora)
         # A half-assembled folder never sits at the cached path; one that another process (a chapter running
