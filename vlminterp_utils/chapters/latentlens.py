@@ -255,8 +255,7 @@ def build_index(adapter, sentences: list[str], layers: list[int] | None = None, 
     by_sentence = chosen.groupby("sentence_id").indices
     # the LLM is causal: a position's hidden state depends on the tokens up to it, so each sentence is run only up
     # to its last chosen position (a tenth fewer tokens on the neutral corpus, the same states)
-    ends = chosen.groupby("sentence_id").position.max() + 1
-    ids = {s: encoded["input_ids"][s][:ends[s]] for s in by_sentence}
+    ids = {s: encoded["input_ids"][s][:chosen.position.values[rows].max() + 1] for s, rows in by_sentence.items()}
     # sentences of similar length share a batch: less padding to run through the LLM (right padding leaves every
     # real position's hidden state as it is, so the order changes nothing stored)
     needed = sorted(by_sentence, key=lambda s: (len(ids[s]), s))
